@@ -1,0 +1,7 @@
+"""Lightning callbacks shared by every model (they use only the model contract)."""
+
+from .kl_breakdown import KLBreakdown
+from .sample_grid import SampleGrid
+from .test_report import TestReport
+
+__all__ = ["KLBreakdown", "SampleGrid", "TestReport"]

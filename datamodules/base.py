@@ -1,0 +1,123 @@
+"""The common base of every datamodule: loaders yielding `(x, index)`, correct under DDP.
+
+`index` is each example's position in its split: models seed per-example evaluation noise
+with it, so metrics do not depend on batch size, order or the number of ranks.
+"""
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+
+class IndexedImages(Dataset):
+    """Images stored as an integer array (N, C, H, W); yields `(x float32, index)`."""
+
+    def __init__(self, images: np.ndarray | torch.Tensor) -> None:
+        self.images = torch.as_tensor(images)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index].float(), index
+
+
+class EpochSampler(DistributedSampler):
+    """Seeded shuffling, sharded over the DDP ranks (one replica without DDP), that also
+    passes the epoch to the dataset's `set_epoch` when it has one.
+
+    Lightning calls `set_epoch` on the sampler before every epoch, before the workers are
+    started (they are not persistent, so each epoch they receive the dataset with its new
+    epoch), and keeps a sampler that is already a DistributedSampler. Per-epoch data noise
+    (dynamic binarization) is thus seeded by the true epoch in every worker and rank.
+    """
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        if callable(set_dataset_epoch := getattr(self.dataset, "set_epoch", None)):
+            set_dataset_epoch(epoch)
+
+
+def world() -> tuple[int, int]:
+    """(world size, rank) of the initialized process group, else (1, 0)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Base of every dataset family. Subclasses set `data_shape` and `data_kind` and
+    implement `setup(stage)` to fill `train_set`, `val_set` and `test_set`, datasets that
+    yield `(x, index)`: x float32 (C, H, W), index the example's position in its split.
+
+    Args:
+        root: directory holding the dataset files (downloaded there when missing).
+        batch_size: training batch size per device.
+        eval_batch_size: validation/test batch size per device; defaults to `batch_size`.
+        num_workers: DataLoader worker processes.
+        seed: seed of the training order and of per-epoch data noise (dynamic binarization).
+    """
+
+    data_shape: tuple[int, int, int]
+    """(C, H, W) of one example."""
+    data_kind: str
+    """Either "binary" (values 0/1) or "8bit" (values 0..255)."""
+
+    train_set: Dataset
+    val_set: Dataset
+    test_set: Dataset
+
+    def __init__(
+        self,
+        root: str | None = None,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.root = root
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled, reproducible from `seed` and the epoch, incomplete last batch dropped."""
+        size, rank = world()
+        sampler = EpochSampler(
+            self.train_set, num_replicas=size, rank=rank, shuffle=True, seed=self.seed
+        )
+        return self._loader(self.train_set, self.batch_size, sampler, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.test_set)
+
+    def _eval_loader(self, dataset: Dataset) -> DataLoader:
+        """In order; under DDP each example goes to exactly one rank (no padding duplicates,
+        which would count twice in the metrics)."""
+        size, rank = world()
+        sampler = None
+        if size > 1:
+            sampler = UnrepeatedDistributedSampler(
+                dataset, num_replicas=size, rank=rank, shuffle=False
+            )
+        return self._loader(dataset, self.eval_batch_size, sampler, drop_last=False)
+
+    def _loader(
+        self, dataset: Dataset, batch_size: int, sampler: Sampler | None, drop_last: bool
+    ) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+        )

@@ -1,0 +1,151 @@
+"""Gated PixelCNN (van den Oord et al. 2016b): vertical + horizontal stacks, no blind spot.
+
+Conditioning, both ways PixelVAE uses it (Gulrajani et al. 2017, Table 1):
+- ``cond_vec`` (B, D): a latent vector mapped linearly into every gate ("without upsampling");
+- ``cond_map`` (B, Cc, H, W): the VAE decoder's upsampled feature map, added into every gate
+  through 1x1 convolutions (it may see every position: it carries no pixel information).
+"""
+
+import torch
+from torch import nn
+
+from .masked_conv import HorizontalConv2d, MaskedConv2d, VerticalConv2d, shift_down
+
+
+def gate(x: torch.Tensor) -> torch.Tensor:
+    """tanh(a) * sigmoid(b) over the two channel halves of x."""
+    a, b = x.chunk(2, dim=1)
+    return torch.tanh(a) * torch.sigmoid(b)
+
+
+class Conditioner(nn.Module):
+    """Maps the optional global vector / spatial map to a bias for a 2C-channel gate."""
+
+    def __init__(self, out_channels: int, cond_vec_dim: int, cond_map_channels: int) -> None:
+        super().__init__()
+        self.vec = nn.Linear(cond_vec_dim, out_channels, bias=False) if cond_vec_dim else None
+        self.map = (
+            nn.Conv2d(cond_map_channels, out_channels, 1, bias=False) if cond_map_channels else None
+        )
+
+    def forward(
+        self, pre: torch.Tensor, cond_vec: torch.Tensor | None, cond_map: torch.Tensor | None
+    ) -> torch.Tensor:
+        if self.vec is not None:
+            pre = pre + self.vec(cond_vec)[:, :, None, None]
+        if self.map is not None:
+            pre = pre + self.map(cond_map)
+        return pre
+
+
+class GatedBlock(nn.Module):
+    """One gated layer: vertical stack, horizontal stack fed by the shifted vertical one,
+    gated activations, 1x1 + residual on the horizontal stack (not on the first layer)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        channels: int,
+        kernel_size: int,
+        first: bool,
+        n_colors: int = 1,
+        cond_vec_dim: int = 0,
+        cond_map_channels: int = 0,
+    ) -> None:
+        super().__init__()
+        self.residual = not first
+        mask = "A" if first else "B"
+        self.v_conv = VerticalConv2d(in_channels, 2 * channels, kernel_size)
+        self.h_conv = HorizontalConv2d(in_channels, 2 * channels, kernel_size, mask, n_colors)
+        self.v_to_h = nn.Conv2d(2 * channels, 2 * channels, 1)
+        self.h_out = MaskedConv2d(channels, channels, 1, "B", n_colors)
+        self.v_cond = Conditioner(2 * channels, cond_vec_dim, cond_map_channels)
+        self.h_cond = Conditioner(2 * channels, cond_vec_dim, cond_map_channels)
+
+    def forward(
+        self,
+        v: torch.Tensor,
+        h: torch.Tensor,
+        cond_vec: torch.Tensor | None = None,
+        cond_map: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        v_pre = self.v_conv(v)
+        h_pre = self.h_conv(h) + self.v_to_h(shift_down(v_pre))
+        v_new = gate(self.v_cond(v_pre, cond_vec, cond_map))
+        h_new = self.h_out(gate(self.h_cond(h_pre, cond_vec, cond_map)))
+        return v_new, h + h_new if self.residual else h_new
+
+
+class GatedHead(nn.Module):
+    """Two conditioned gated 1x1 layers, then a 1x1 projection to distribution parameters."""
+
+    def __init__(
+        self,
+        channels: int,
+        out_channels: int,
+        n_colors: int = 1,
+        cond_vec_dim: int = 0,
+        cond_map_channels: int = 0,
+    ) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(
+            [MaskedConv2d(channels, 2 * channels, 1, "B", n_colors) for _ in range(2)]
+        )
+        self.conds = nn.ModuleList(
+            [Conditioner(2 * channels, cond_vec_dim, cond_map_channels) for _ in range(2)]
+        )
+        self.out = MaskedConv2d(channels, out_channels, 1, "B", n_colors)
+
+    def forward(
+        self, h: torch.Tensor, cond_vec: torch.Tensor | None, cond_map: torch.Tensor | None
+    ) -> torch.Tensor:
+        for conv, cond in zip(self.convs, self.conds, strict=True):
+            h = gate(cond(conv(h), cond_vec, cond_map))
+        return self.out(h)
+
+
+class GatedPixelCNN(nn.Module):
+    """First layer k_first x k_first with mask A, then ``n_layers - 1`` k x k blocks with
+    mask B, then the gated 1x1 head (PixelVAE appendix E.1 layout).
+
+    ``out_channels`` is n_colors x parameters per colour, with channel c belonging to colour
+    ``c % n_colors`` (see masked_conv); the likelihood reads them in that order.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        n_layers: int,
+        channels: int = 32,
+        first_kernel: int = 7,
+        kernel: int = 5,
+        n_colors: int = 1,
+        cond_vec_dim: int = 0,
+        cond_map_channels: int = 0,
+    ) -> None:
+        super().__init__()
+        if n_layers < 1:
+            raise ValueError(f"a PixelCNN needs at least one masked layer, got n_layers={n_layers}")
+        cond = dict(
+            n_colors=n_colors, cond_vec_dim=cond_vec_dim, cond_map_channels=cond_map_channels
+        )
+        self.blocks = nn.ModuleList(
+            [GatedBlock(in_channels, channels, first_kernel, first=True, **cond)]
+            + [
+                GatedBlock(channels, channels, kernel, first=False, **cond)
+                for _ in range(n_layers - 1)
+            ]
+        )
+        self.head = GatedHead(channels, out_channels, **cond)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cond_vec: torch.Tensor | None = None,
+        cond_map: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        v, h = x, x
+        for block in self.blocks:
+            v, h = block(v, h, cond_vec, cond_map)
+        return self.head(h, cond_vec, cond_map)

@@ -1,0 +1,36 @@
+"""He initialization for the ReLU/gated networks of the backbone.
+
+PyTorch's default init (variance 1/(3 fan_in)) shrinks activations by a constant factor per
+layer; through the ~10-layer encoder and decoder of PixelVAE that starves the latent path of
+gradient and the VAE collapses to its prior early in training. He init (variance
+2/fan_in, as the PixelVAE reference code uses) keeps the scale, counting only the taps a
+mask leaves visible.
+"""
+
+import math
+
+from torch import nn
+
+
+def he_init_(module: nn.Module) -> nn.Module:
+    """Re-initialize every conv / linear layer in place: N(0, 2/fan_in) weights, zero bias."""
+    for m in module.modules():
+        if not isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            continue
+        nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        mask = getattr(m, "mask", None)
+        if mask is not None:  # fan_in counts only the visible taps
+            visible = max(float(mask.sum()) / mask.shape[0], 1.0)
+            m.weight.data.mul_(math.sqrt(mask[0].numel() / visible))
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    return module
+
+
+def zero_init_(layer: nn.Module) -> nn.Module:
+    """Zero weights and bias: an output layer that starts at the uniform distribution or at a
+    posterior equal to the prior, so training starts from a sane loss."""
+    nn.init.zeros_(layer.weight)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+    return layer

@@ -1,0 +1,60 @@
+"""The original PixelCNN (van den Oord et al. 2016a): masked convolutions with ReLU.
+
+Unlike the gated version it has a blind spot (pixels up and to the right are never seen);
+PixelVAE's Table 1 compares both ("PixelVAE" vs "Gated PixelVAE").
+"""
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from .gated_pixelcnn import Conditioner
+from .masked_conv import MaskedConv2d
+
+
+class PlainPixelCNN(nn.Module):
+    """k_first x k_first mask-A conv, ``n_layers - 1`` residual k x k mask-B ReLU convs, then
+    two 1x1 ReLU layers to ``out_channels``. Same conditioning inputs as GatedPixelCNN."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        n_layers: int,
+        channels: int = 32,
+        first_kernel: int = 7,
+        kernel: int = 5,
+        n_colors: int = 1,
+        cond_vec_dim: int = 0,
+        cond_map_channels: int = 0,
+    ) -> None:
+        super().__init__()
+        if n_layers < 1:
+            raise ValueError(f"a PixelCNN needs at least one masked layer, got n_layers={n_layers}")
+        self.convs = nn.ModuleList(
+            [MaskedConv2d(in_channels, channels, first_kernel, "A", n_colors)]
+            + [MaskedConv2d(channels, channels, kernel, "B", n_colors) for _ in range(n_layers - 1)]
+        )
+        self.conds = nn.ModuleList(
+            [Conditioner(channels, cond_vec_dim, cond_map_channels) for _ in range(n_layers)]
+        )
+        self.head = nn.Sequential(
+            OrderedDict(
+                relu1=nn.ReLU(),
+                hidden=MaskedConv2d(channels, channels, 1, "B", n_colors),
+                relu2=nn.ReLU(),
+                out=MaskedConv2d(channels, out_channels, 1, "B", n_colors),
+            )
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cond_vec: torch.Tensor | None = None,
+        cond_map: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        h = self.conds[0](self.convs[0](x), cond_vec, cond_map)
+        for conv, cond in zip(self.convs[1:], self.conds[1:], strict=True):
+            h = h + torch.relu(cond(conv(torch.relu(h)), cond_vec, cond_map))
+        return self.head(h)

@@ -1,0 +1,202 @@
+"""The common LightningModule: the model contract, the loss, logging and evaluation.
+
+Every paper's model subclasses :class:`ImageModel` and implements the contract
+(``elbo_terms``, ``log_likelihood_bound``, ``sample`` and, with latents, ``reconstruct``);
+callbacks, the CLI and the tests use only that contract.
+
+Units: every term is in nats per example (per image). Metrics (DESIGN.md "Evaluation
+protocol"): ``{stage}/nelbo`` (the negative ELBO), ``{stage}/recon`` (-log p(x|z)),
+``{stage}/kl/<level>`` and, at test time, ``test/nll_iwae`` (the importance-weighted bound
+with ``iwae_k`` samples; the exact NLL for models without latents).
+"""
+
+import math
+from contextlib import contextmanager
+from typing import Literal
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+
+from .likelihoods import Bernoulli
+
+
+class ImageModel(L.LightningModule):
+    """Base of every model: shared options for training, evaluation and latents.
+
+    Args:
+        image_shape: (C, H, W) of the data; linked from the datamodule by the CLI.
+        lr: learning rate.
+        optimizer: "adam" (PixelVAE, AGAVE) or "adamax" (VLAE).
+        kl_warmup_steps: linear annealing of the KL weight from 0 to 1 over this many
+            optimizer steps (0 = off). Only the training loss is annealed; logged metrics
+            are always the true bound.
+        free_bits: minimum KL per latent dimension in nats, applied per latent level to
+            the batch-averaged KL (Kingma et al. 2016); 0 = off.
+        iwae_k: importance samples for ``test/nll_iwae`` (papers use 5000 / 4096).
+        iwae_batch: most decoder evaluations in one forward pass of the IWAE estimate,
+            which bounds its memory whatever ``iwae_k`` is.
+        eval_seed: seed of the per-example evaluation noise: every test/val example gets
+            its own generator seeded by (eval_seed, example index), so metrics do not depend
+            on the batch size, the order or the number of DDP ranks.
+    """
+
+    likelihood = Bernoulli
+
+    def __init__(
+        self,
+        image_shape: tuple[int, int, int] = (1, 28, 28),
+        lr: float = 1e-3,
+        optimizer: Literal["adam", "adamax"] = "adam",
+        kl_warmup_steps: int = 0,
+        free_bits: float = 0.0,
+        iwae_k: int = 100,
+        iwae_batch: int = 1000,
+        eval_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if iwae_k < 1 or iwae_batch < 1:
+            raise ValueError(f"iwae_k and iwae_batch must be >= 1, got {iwae_k}, {iwae_batch}")
+        self.image_shape = tuple(image_shape)
+        self.lr = lr
+        self.optimizer_name = optimizer
+        self.kl_warmup_steps = kl_warmup_steps
+        self.free_bits = free_bits
+        self.iwae_k = iwae_k
+        self.iwae_batch = iwae_batch
+        self.eval_seed = eval_seed
+        self.latent_dims: dict[str, int] = {}  # level name -> number of latent dimensions
+        self.metrics = nn.ModuleDict()
+        self._generators: list[torch.Generator] | None = None
+
+    # ----------------------------------------------------------------- the contract
+    def elbo_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-example terms in nats: ``recon`` = -log p(x|z) and ``kl/<level>``."""
+        raise NotImplementedError
+
+    def log_likelihood_bound(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """Per-example log p(x) lower bound with k importance samples (exact without latents)."""
+        raise NotImplementedError
+
+    def sample(self, n: int) -> torch.Tensor:
+        """n images drawn from the model, shaped (n, C, H, W)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ utilities
+    def check_input(self, x: torch.Tensor) -> None:
+        """Fail loudly on data that does not match the model instead of broadcasting it."""
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
+            shape = ", ".join(map(str, self.image_shape))
+            raise ValueError(
+                f"{type(self).__name__} expects images shaped (B, {shape}),"
+                f" got {tuple(x.shape)}. Set model.init_args.image_shape to match the data"
+                " (the CLI links it from data.data_shape) or fix the datamodule's output."
+            )
+
+    @contextmanager
+    def per_example_noise(self, index: torch.Tensor):
+        """Within this context :meth:`randn` draws each example's noise from its own generator."""
+        seeds = [(self.eval_seed << 32) + int(i) for i in index.tolist()]
+        self._generators = [torch.Generator().manual_seed(s) for s in seeds]
+        try:
+            yield
+        finally:
+            self._generators = None
+
+    def randn(self, batch: int, *shape: int) -> torch.Tensor:
+        """Standard-normal noise (batch, *shape) for latent sampling; per example when in
+        :meth:`per_example_noise`."""
+        if self._generators is None:
+            return torch.randn(batch, *shape, device=self.device)
+        if len(self._generators) != batch:
+            raise RuntimeError(f"per-example noise set for {len(self._generators)}, asked {batch}")
+        rows = [torch.randn(shape, generator=g) for g in self._generators]
+        return torch.stack(rows).to(self.device)
+
+    def iwae_chunk(self, batch: int) -> int:
+        """Importance samples per forward pass so that batch x chunk <= iwae_batch."""
+        return max(1, self.iwae_batch // batch)
+
+    @property
+    def kl_weight(self) -> float:
+        if self.kl_warmup_steps <= 0:
+            return 1.0
+        return min(1.0, self.global_step / self.kl_warmup_steps)
+
+    def loss(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Training objective: mean recon + KL weight x per-level KL (with free bits)."""
+        loss = terms["recon"].mean()
+        for level, dims in self.latent_dims.items():
+            kl = terms[f"kl/{level}"].mean()
+            if self.free_bits > 0:
+                kl = torch.clamp(kl, min=self.free_bits * dims)
+            loss = loss + self.kl_weight * kl
+        return loss
+
+    @staticmethod
+    def nelbo(terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Negative ELBO per example: recon + every KL term."""
+        return terms["recon"] + sum(v for k, v in terms.items() if k.startswith("kl/"))
+
+    # ------------------------------------------------------------------ Lightning
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        cls = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax}[self.optimizer_name]
+        return cls(self.parameters(), lr=self.lr)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        x, _ = batch
+        self.check_input(x)
+        terms = self.elbo_terms(x)
+        loss = self.loss(terms)
+        if not torch.isfinite(loss):
+            finite = {k: float(v.float().mean()) for k, v in terms.items()}
+            raise FloatingPointError(
+                f"non-finite training loss at step {self.global_step} (term means: {finite}). "
+                "Lower model.init_args.lr, turn on kl_warmup_steps, or train with precision 32."
+            )
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/nelbo", self.nelbo(terms).mean())
+        for name, value in terms.items():
+            self.log(f"train/{name}", value.mean())
+        if self.latent_dims:
+            self.log("train/kl_weight", self.kl_weight)
+        return loss
+
+    def _update(self, stage: str, name: str, values: torch.Tensor) -> None:
+        key = f"{stage}/{name}"
+        mkey = key.replace("/", "__")
+        if mkey not in self.metrics:
+            self.metrics[mkey] = MeanMetric().to(self.device)
+        metric = self.metrics[mkey]
+        metric.update(values.float())
+        self.log(
+            key,
+            metric,
+            on_step=False,
+            on_epoch=True,
+            prog_bar=name in ("nelbo", "nll_iwae"),
+            metric_attribute=f"metrics.{mkey}",
+        )
+
+    def _evaluate(self, stage: str, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+        x, index = batch
+        self.check_input(x)
+        with self.per_example_noise(index):
+            terms = self.elbo_terms(x)
+            self._update(stage, "nelbo", self.nelbo(terms))
+            for name, value in terms.items():
+                self._update(stage, name, value)
+            if stage == "test":
+                self._update(stage, "nll_iwae", -self.log_likelihood_bound(x, self.iwae_k))
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluate("val", batch)
+
+    def test_step(self, batch, batch_idx):
+        self._evaluate("test", batch)
+
+
+def log_mean_exp(log_w: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """log(mean(exp(log_w))) along dim, stably: the importance-weighted bound from log weights."""
+    return torch.logsumexp(log_w, dim) - math.log(log_w.shape[dim])

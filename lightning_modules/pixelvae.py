@@ -1,0 +1,153 @@
+"""PixelVAE (Gulrajani et al., ICLR 2017) on 28x28 binary images: appendix E.1.
+
+Conv encoder -> diagonal Gaussian q(z|x) -> decoder. The decoder is a few PixelCNN layers
+conditioned on z either through the upsampled feature map of a transposed-conv decoder
+("upsample", Table 1 "PixelVAE"/"Gated PixelVAE") or through a linear map of z into every
+gate ("vector", "Gated PixelVAE without upsampling"). With ``n_pixelcnn_layers=0`` it is the
+plain convolutional VAE with a factorized Bernoulli output.
+"""
+
+from typing import Literal
+
+import torch
+from einops import rearrange, repeat
+from torch import nn
+
+from .backbone import MNISTDecoder, MNISTEncoder, he_init_, sample_autoregressive, zero_init_
+from .base import ImageModel, log_mean_exp
+from .likelihoods import DiagonalGaussian
+from .pixelcnn import PIXELCNNS
+
+Cond = tuple[torch.Tensor | None, torch.Tensor | None]  # (cond_vec, cond_map)
+
+
+class PixelVAE(ImageModel):
+    """Single-level PixelVAE with a standard-normal prior.
+
+    Args:
+        latent_dim: dimensionality of z.
+        n_pixelcnn_layers: masked PixelCNN layers in the decoder (0 = factorized decoder).
+        conditioning: "upsample" (feature map from transposed convs, added via 1x1 convs)
+            or "vector" (z linearly into every gate; no upsampling decoder at all).
+        pixelcnn: "gated" (van den Oord 2016b) or "plain" (2016a) masked layers.
+        pixelcnn_channels / first_kernel / kernel: width and filter sizes of those layers.
+        **kwargs: the shared options of :class:`ImageModel` (lr, KL warm-up, free bits, IWAE).
+    """
+
+    def __init__(
+        self,
+        latent_dim: int = 16,
+        n_pixelcnn_layers: int = 3,
+        conditioning: Literal["upsample", "vector"] = "upsample",
+        pixelcnn: Literal["gated", "plain"] = "gated",
+        pixelcnn_channels: int = 32,
+        first_kernel: int = 7,
+        kernel: int = 5,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+        if self.image_shape[1:] != (28, 28):
+            raise ValueError(f"the appendix E.1 networks need 28x28 images, got {self.image_shape}")
+        if conditioning == "vector" and n_pixelcnn_layers == 0:
+            raise ValueError(
+                'conditioning="vector" needs n_pixelcnn_layers >= 1: without PixelCNN layers '
+                'there is nothing for z to condition; use conditioning="upsample".'
+            )
+        c = self.image_shape[0]
+        out_channels = c * self.likelihood.params_per_channel
+        self.latent_dim = latent_dim
+        self.latent_dims = {"z": latent_dim}
+        self.conditioning = conditioning
+        self.encoder = MNISTEncoder(latent_dim, c)
+        self.decoder = MNISTDecoder(latent_dim) if conditioning == "upsample" else None
+        cond_map_channels = MNISTDecoder.out_channels if conditioning == "upsample" else 0
+        if n_pixelcnn_layers == 0:
+            self.pixelcnn = None
+            self.factorized_head = nn.Conv2d(cond_map_channels, out_channels, 1)
+        else:
+            self.pixelcnn = PIXELCNNS[pixelcnn](
+                c,
+                out_channels,
+                n_pixelcnn_layers,
+                pixelcnn_channels,
+                first_kernel,
+                kernel,
+                c,
+                cond_vec_dim=latent_dim if conditioning == "vector" else 0,
+                cond_map_channels=cond_map_channels,
+            )
+        he_init_(self)
+        zero_init_(self.encoder[-1])
+        zero_init_(self.factorized_head if self.pixelcnn is None else self.pixelcnn.head.out)
+
+    # ------------------------------------------------------------------ pieces
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log-std of q(z|x), each (B, latent_dim), in float32."""
+        mean, log_std = self.encoder(x).float().chunk(2, dim=1)
+        return mean, log_std
+
+    def condition(self, z: torch.Tensor) -> Cond:
+        """What the pixel decoder sees of z: a global vector or an upsampled feature map."""
+        if self.decoder is None:
+            return z, None
+        return None, self.decoder(z)
+
+    def pixel_params(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """Likelihood parameters for every pixel of x given the conditioning."""
+        if self.pixelcnn is None:
+            return self.factorized_head(cond[1])
+        return self.pixelcnn(x, *cond)
+
+    # ---------------------------------------------------------------- contract
+    def elbo_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.check_input(x)
+        mean, log_std = self.encode(x)
+        z = DiagonalGaussian.sample(mean, log_std, self.randn(x.shape[0], self.latent_dim))
+        recon = -self.likelihood.log_prob(self.pixel_params(x, self.condition(z)), x)
+        kl = DiagonalGaussian.kl_standard_normal(mean, log_std).sum(1)
+        return {"recon": recon, "kl/z": kl}
+
+    @torch.no_grad()
+    def log_likelihood_bound(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """Burda et al. (2015): log (1/k) sum_i p(x, z_i) / q(z_i|x), z_i ~ q(z|x)."""
+        self.check_input(x)
+        b = x.shape[0]
+        mean, log_std = self.encode(x)
+        log_w = []
+        chunk = self.iwae_chunk(b)
+        for start in range(0, k, chunk):
+            n = min(chunk, k - start)
+            eps = self.randn(b, n, self.latent_dim)
+            z = DiagonalGaussian.sample(mean[:, None], log_std[:, None], eps)
+            z = rearrange(z, "b n d -> (b n) d")
+            xs = repeat(x, "b c h w -> (b n) c h w", n=n)
+            log_px_z = self.likelihood.log_prob(self.pixel_params(xs, self.condition(z)), xs)
+            zeros = torch.zeros_like(z)
+            log_pz = DiagonalGaussian.log_prob(zeros, zeros, z)
+            means, log_stds = (repeat(t, "b d -> (b n) d", n=n) for t in (mean, log_std))
+            log_qz = DiagonalGaussian.log_prob(means, log_stds, z)
+            log_w.append(rearrange(log_px_z + log_pz - log_qz, "(b n) -> b n", b=b))
+        return log_mean_exp(torch.cat(log_w, dim=1))
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Sample x ~ p(x|z): pixel by pixel, or in one pass for the factorized decoder."""
+        cond = self.condition(z)
+        shape = (z.shape[0], *self.image_shape)
+        if self.pixelcnn is None:
+            return self.likelihood.sample(
+                self.pixel_params(torch.zeros(shape, device=z.device), cond)
+            )
+        return sample_autoregressive(
+            lambda x: self.pixel_params(x, cond), self.likelihood.sample, shape, self.device
+        )
+
+    def sample(self, n: int) -> torch.Tensor:
+        return self.decode(self.randn(n, self.latent_dim))
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """x -> z = mean of q(z|x) -> a sample of p(x|z) (appendix C's reconstructions)."""
+        self.check_input(x)
+        return self.decode(self.encode(x)[0])

@@ -1,0 +1,135 @@
+"""Properties of the models through their shared contract."""
+
+import pytest
+import torch
+
+from lightning_modules import PixelCNN, PixelVAE
+
+torch.set_num_threads(2)
+
+
+def binary_images(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    # a blob in the middle plus noise: something with structure to fit
+    base = torch.zeros(1, 1, 28, 28)
+    base[..., 8:20, 10:18] = 0.9
+    return torch.bernoulli((base + 0.05).clamp(0, 1).expand(n, 1, 28, 28), generator=g)
+
+
+def small_vae(**kwargs) -> PixelVAE:
+    torch.manual_seed(0)
+    defaults = dict(latent_dim=4, n_pixelcnn_layers=1, pixelcnn_channels=8, iwae_batch=10_000)
+    return PixelVAE(**{**defaults, **kwargs}).eval()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(),
+        dict(conditioning="vector"),
+        dict(n_pixelcnn_layers=0),
+        dict(pixelcnn="plain", n_pixelcnn_layers=2),
+    ],
+)
+def test_iwae_bound_is_above_elbo_and_tightens_with_k(kwargs):
+    model = small_vae(**kwargs)
+    # a posterior far from the prior (KL ~ 7 nats) so the bounds differ by more than noise
+    with torch.no_grad():
+        model.encoder[-1].bias.copy_(torch.tensor([1.5, 1.5, 1.5, 1.5, -1.0, -1.0, -1.0, -1.0]))
+    x = binary_images(6)
+    index = torch.arange(6)
+    with torch.no_grad(), model.per_example_noise(index):
+        elbo = -model.nelbo(model.elbo_terms(x)).mean()
+        bounds = [model.log_likelihood_bound(x, k).mean() for k in (1, 10, 200)]
+    assert all(a <= b + 1e-3 for a, b in zip(bounds, bounds[1:], strict=False)), bounds
+    assert bounds[-1] >= elbo
+    # L_1 is an unbiased estimate of the ELBO (its mean over many draws)
+    with torch.no_grad(), model.per_example_noise(index):
+        l1 = torch.stack([model.log_likelihood_bound(x, 1) for _ in range(100)]).mean()
+        elbo_mc = torch.stack([-model.nelbo(model.elbo_terms(x)) for _ in range(100)]).mean()
+    assert abs(float(l1 - elbo_mc)) < 0.02 * abs(float(elbo_mc))
+
+
+def test_evaluation_noise_is_per_example():
+    """The same example gets the same bound whatever batch it is evaluated in."""
+    model = small_vae()
+    x = binary_images(4)
+    with torch.no_grad():
+        with model.per_example_noise(torch.arange(4)):
+            full = model.log_likelihood_bound(x, 20)
+        with model.per_example_noise(torch.tensor([2, 3])):
+            part = model.log_likelihood_bound(x[2:], 20)
+    torch.testing.assert_close(full[2:], part, rtol=1e-5, atol=1e-4)
+
+
+def test_pixelcnn_bound_is_exact_likelihood():
+    model = PixelCNN(n_layers=2, channels=8).eval()
+    x = binary_images(3)
+    with torch.no_grad():
+        exact = -model.elbo_terms(x)["recon"]
+        torch.testing.assert_close(model.log_likelihood_bound(x, 100), exact)
+
+
+@pytest.mark.parametrize("model_fn", [small_vae, lambda: PixelCNN(n_layers=2, channels=8)])
+def test_training_steps_lower_the_loss(model_fn):
+    model = model_fn().train()
+    x = binary_images(16)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    torch.manual_seed(1)
+    losses = []
+    for _ in range(40):
+        loss = model.loss(model.elbo_terms(x))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5
+
+
+def test_free_bits_zero_kl_gradient_below_threshold():
+    model = small_vae(free_bits=1000.0)  # far above any KL: the KL gets no gradient
+    with torch.no_grad():  # a posterior away from the prior, where the KL has a gradient
+        model.encoder[-1].bias.fill_(0.5)
+    x = binary_images(4)
+    terms = model.elbo_terms(x)
+    kl_grad = torch.autograd.grad(
+        model.loss(terms) - terms["recon"].mean(), model.encoder[-1].weight, allow_unused=True
+    )[0]
+    assert kl_grad is None or kl_grad.abs().max() == 0
+    model.free_bits = 0.0
+    terms = model.elbo_terms(x)
+    kl_grad = torch.autograd.grad(
+        model.loss(terms) - terms["recon"].mean(), model.encoder[-1].weight
+    )[0]
+    assert kl_grad.abs().max() > 0
+
+
+def test_kl_warmup_anneals_linearly():
+    model = small_vae(kl_warmup_steps=100)
+    assert model.kl_weight == 0.0  # global_step is 0 outside a trainer
+    assert small_vae().kl_weight == 1.0
+
+
+def test_samples_and_reconstructions_are_binary_images():
+    model = small_vae()
+    x = binary_images(2)
+    for out in (model.sample(3), model.reconstruct(x), small_vae(n_pixelcnn_layers=0).sample(2)):
+        assert out.shape[1:] == (1, 28, 28)
+        assert set(out.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_wrong_shaped_input_names_the_problem():
+    model = small_vae()
+    with pytest.raises(
+        ValueError, match=r"expects images shaped \(B, 1, 28, 28\), got \(2, 28, 28\)"
+    ):
+        model.elbo_terms(torch.zeros(2, 28, 28))
+    with pytest.raises(ValueError, match="got \\(2, 3, 28, 28\\)"):
+        PixelCNN().elbo_terms(torch.zeros(2, 3, 28, 28))
+
+
+def test_invalid_model_options_are_rejected():
+    with pytest.raises(ValueError, match="needs n_pixelcnn_layers >= 1"):
+        PixelVAE(conditioning="vector", n_pixelcnn_layers=0)
+    with pytest.raises(ValueError, match="28x28"):
+        PixelVAE(image_shape=(1, 32, 32))
