@@ -11,6 +11,7 @@ from importlib.resources import files
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from arvae import report
 from callbacks import KLBreakdown, SampleGrid, TestReport
 from datamodules import ImageDataModule
 from lightning_modules import ImageModel
@@ -72,6 +73,9 @@ def cli(args: list[str] | None = None) -> ArvaeCLI:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:
+        report.main(argv[1:])
+        return
     if argv[:1] == ["quickstart"]:
         argv = ["fit", "-c", str(QUICKSTART_CONFIG), *argv[1:]]
     cli(argv)
