@@ -133,3 +133,46 @@ def test_invalid_model_options_are_rejected():
         PixelVAE(conditioning="vector", n_pixelcnn_layers=0)
     with pytest.raises(ValueError, match="28x28"):
         PixelVAE(image_shape=(1, 32, 32))
+
+
+def test_iwae_with_5000_samples_is_chunked_to_bounded_memory():
+    model = small_vae(iwae_batch=500, conditioning="vector")  # no decoder: cheap forward
+    x = binary_images(2)
+    seen = []
+    pixel_params = model.pixel_params
+
+    def spy(xs, cond):
+        seen.append(xs.shape[0])
+        return pixel_params(xs, cond)
+
+    model.pixel_params = spy
+    with model.per_example_noise(torch.arange(2)):
+        bound = model.log_likelihood_bound(x, 5000)
+    assert torch.isfinite(bound).all() and bound.shape == (2,)
+    assert max(seen) <= 500 and sum(seen) == 2 * 5000
+
+
+def test_bf16_mixed_training_on_cpu_keeps_float32_likelihoods(tmp_path):
+    import lightning as L
+
+    from datamodules import BinarizedMNIST
+
+    model = small_vae().train()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        precision="bf16-mixed",
+        max_epochs=1,
+        limit_train_batches=3,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, datamodule=BinarizedMNIST(sample=True, batch_size=8, eval_batch_size=8))
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert torch.isfinite(trainer.callback_metrics["val/nelbo"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        terms = model.elbo_terms(binary_images(2))
+    assert all(v.dtype == torch.float32 for v in terms.values())
