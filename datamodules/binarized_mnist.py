@@ -255,6 +255,7 @@ class BinarizedMNIST(ImageDataModule):
         sample: bool = False,
     ) -> None:
         super().__init__(root, batch_size, eval_batch_size, num_workers, seed)
+        self.save_hyperparameters()  # recorded with every checkpoint and test report
         if binarization not in ("static", "dynamic"):
             raise ValueError(f"binarization must be 'static' or 'dynamic', got {binarization!r}")
         if sample and binarization == "dynamic":
