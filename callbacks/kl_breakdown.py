@@ -32,8 +32,9 @@ class KLBreakdown(L.Callback):
         if not terms:
             return
         self.rows.append({"stage": stage, "epoch": trainer.current_epoch, **terms})
+        log_dir = trainer.log_dir or trainer.default_root_dir  # a collective: every rank
         if trainer.is_global_zero:
-            self._write(Path(trainer.log_dir or trainer.default_root_dir) / "kl_breakdown.csv")
+            self._write(Path(log_dir) / "kl_breakdown.csv")
 
     def _write(self, path: Path) -> None:
         fields = list(dict.fromkeys(k for row in self.rows for k in row))

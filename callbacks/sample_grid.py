@@ -62,9 +62,9 @@ class SampleGrid(L.Callback):
 
     @torch.no_grad()
     def write(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str) -> list[Path]:
+        out = Path(trainer.log_dir or trainer.default_root_dir) / "samples"  # a collective
         if not trainer.is_global_zero:
             return []
-        out = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
         paths = [
             save_grid(pl_module.sample(self.n_samples), out / f"samples_{tag}.png", self.ncols)
         ]

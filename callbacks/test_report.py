@@ -18,6 +18,7 @@ class TestReport(L.Callback):
         self.filename = filename
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        log_dir = trainer.log_dir or trainer.default_root_dir  # a collective: every rank
         if not trainer.is_global_zero:
             return
         metrics = {
@@ -37,7 +38,7 @@ class TestReport(L.Callback):
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "metrics": metrics,
         }
-        path = Path(trainer.log_dir or trainer.default_root_dir) / self.filename
+        path = Path(log_dir) / self.filename
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2) + "\n")
 

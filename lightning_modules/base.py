@@ -69,6 +69,9 @@ class ImageModel(L.LightningModule):
         self.latent_dims: dict[str, int] = {}  # level name -> number of latent dimensions
         self.metrics = nn.ModuleDict()
         self._generators: list[torch.Generator] | None = None
+        # called here, while the subclass's __init__ frame is still on the stack, Lightning
+        # records the subclass's arguments and these shared ones alike
+        self.save_hyperparameters()
 
     # ----------------------------------------------------------------- the contract
     def elbo_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

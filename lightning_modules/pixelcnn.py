@@ -4,7 +4,7 @@ from typing import Literal
 
 import torch
 
-from .backbone import GatedPixelCNN, PlainPixelCNN, he_init_, sample_autoregressive, zero_init_
+from .backbone import GatedPixelCNN, PlainPixelCNN, he_init_, sample_autoregressive
 from .base import ImageModel
 
 PIXELCNNS = {"gated": GatedPixelCNN, "plain": PlainPixelCNN}
@@ -31,12 +31,11 @@ class PixelCNN(ImageModel):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        self.save_hyperparameters()
         c = self.image_shape[0]
         self.net = PIXELCNNS[kind](
             c, c * self.likelihood.params_per_channel, n_layers, channels, first_kernel, kernel, c
         )
-        zero_init_(he_init_(self).net.head.out)
+        he_init_(self)
 
     def elbo_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         self.check_input(x)

@@ -46,7 +46,6 @@ class PixelVAE(ImageModel):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        self.save_hyperparameters()
         if self.image_shape[1:] != (28, 28):
             raise ValueError(f"the appendix E.1 networks need 28x28 images, got {self.image_shape}")
         if conditioning == "vector" and n_pixelcnn_layers == 0:
@@ -79,7 +78,6 @@ class PixelVAE(ImageModel):
             )
         he_init_(self)
         zero_init_(self.encoder[-1])
-        zero_init_(self.factorized_head if self.pixelcnn is None else self.pixelcnn.head.out)
 
     # ------------------------------------------------------------------ pieces
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

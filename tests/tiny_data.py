@@ -33,6 +33,7 @@ class TinyBinary(ImageDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(None, batch_size, eval_batch_size, num_workers, seed)
+        self.save_hyperparameters()  # as the real datamodules: shown in test reports
         self.sizes = {"train": n_train, "valid": n_val, "test": n_test}
 
     def setup(self, stage: str) -> None:

@@ -51,6 +51,7 @@ class GatedBlock(nn.Module):
         n_colors: int = 1,
         cond_vec_dim: int = 0,
         cond_map_channels: int = 0,
+        last: bool = False,
     ) -> None:
         super().__init__()
         self.residual = not first
@@ -59,7 +60,9 @@ class GatedBlock(nn.Module):
         self.h_conv = HorizontalConv2d(in_channels, 2 * channels, kernel_size, mask, n_colors)
         self.v_to_h = nn.Conv2d(2 * channels, 2 * channels, 1)
         self.h_out = MaskedConv2d(channels, channels, 1, "B", n_colors)
-        self.v_cond = Conditioner(2 * channels, cond_vec_dim, cond_map_channels)
+        # the last block's vertical output feeds nothing: no parameters for it (DDP needs
+        # every parameter to get a gradient)
+        self.v_cond = None if last else Conditioner(2 * channels, cond_vec_dim, cond_map_channels)
         self.h_cond = Conditioner(2 * channels, cond_vec_dim, cond_map_channels)
 
     def forward(
@@ -71,7 +74,7 @@ class GatedBlock(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         v_pre = self.v_conv(v)
         h_pre = self.h_conv(h) + self.v_to_h(shift_down(v_pre))
-        v_new = gate(self.v_cond(v_pre, cond_vec, cond_map))
+        v_new = v_pre if self.v_cond is None else gate(self.v_cond(v_pre, cond_vec, cond_map))
         h_new = self.h_out(gate(self.h_cond(h_pre, cond_vec, cond_map)))
         return v_new, h + h_new if self.residual else h_new
 
@@ -131,10 +134,10 @@ class GatedPixelCNN(nn.Module):
             n_colors=n_colors, cond_vec_dim=cond_vec_dim, cond_map_channels=cond_map_channels
         )
         self.blocks = nn.ModuleList(
-            [GatedBlock(in_channels, channels, first_kernel, first=True, **cond)]
+            [GatedBlock(in_channels, channels, first_kernel, True, last=n_layers == 1, **cond)]
             + [
-                GatedBlock(channels, channels, kernel, first=False, **cond)
-                for _ in range(n_layers - 1)
+                GatedBlock(channels, channels, kernel, False, last=i == n_layers - 1, **cond)
+                for i in range(1, n_layers)
             ]
         )
         self.head = GatedHead(channels, out_channels, **cond)

@@ -28,8 +28,9 @@ def he_init_(module: nn.Module) -> nn.Module:
 
 
 def zero_init_(layer: nn.Module) -> nn.Module:
-    """Zero weights and bias: an output layer that starts at the uniform distribution or at a
-    posterior equal to the prior, so training starts from a sane loss."""
+    """Zero weights and bias: an encoder output layer then starts with the posterior equal to
+    the prior (KL = 0). Not for likelihood heads: a zero head makes the optimizer inflate the
+    decoder's features instead of the head's bias, which saturates the PixelCNN gates."""
     nn.init.zeros_(layer.weight)
     if layer.bias is not None:
         nn.init.zeros_(layer.bias)

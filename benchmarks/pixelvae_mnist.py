@@ -1,0 +1,492 @@
+"""CPU benchmark: Gated PixelVAE on static binarized MNIST, fp32 vs bf16-mixed.
+
+For each precision: train for a fixed wall-clock budget with Lightning, measure training
+images/s (end-to-end, after a few warm-up steps), then evaluate on a fixed random subset of
+the test split: -ELBO, recon, KL (one z per image) and the IWAE NLL with k samples, all in
+nats per image. A script, not a test: see benchmarks/README.md for a recorded run.
+
+    python benchmarks/pixelvae_mnist.py --data ../shared/data/binarized_mnist.npz
+
+Model: the appendix-E.1 Gated PixelVAE of Gulrajani et al. (2017): conv encoder, latent_dim
+16, upsampling conv decoder, gated PixelCNN layers with 32 channels (first 7x7 mask A, then
+5x5 mask B). Three PixelCNN layers by default: the module's default, and a size that trains
+at about the issue's reference speed (100-150 images/s fp32 on 2 cores). Each extra 5x5 layer
+costs CPU time and makes the decoder strong enough to ignore z sooner (Table 1 / Fig. 2 of
+the paper: a few layers already give most of the gain).
+
+IWAE at k = 100 costs ~100 decoder passes per test image (1M for the full test set, hours on
+2 cores), so by default (--n-test 0) the script measures the evaluation speed first and
+takes the largest subset that fits --eval-minutes for all precisions together. The test
+file is sorted by digit class, so the subset is a fixed-seed random one (always the first n
+of the same permutation), never the first n images.
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from datetime import timedelta
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from datamodules import BinarizedMNIST
+from datamodules.binarized_mnist import STATIC_NPZ, STATIC_SIZES
+from lightning_modules import PixelVAE
+
+N_TEST_ALL = STATIC_SIZES["test"]
+N_TRAIN = STATIC_SIZES["train"]
+SUBSET_SEED = 0  # the test subset does not change with --seed: every run sees the same images
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--data", required=True, help=f"{STATIC_NPZ} or the directory holding it")
+    p.add_argument("--minutes", type=float, default=8.0, help="training budget per precision")
+    p.add_argument("--precisions", nargs="+", default=["32-true", "bf16-mixed"])
+    p.add_argument(
+        "--n-test",
+        type=int,
+        default=0,
+        help="test images to evaluate (fixed random subset); 0 = as many as fit --eval-minutes",
+    )
+    p.add_argument("--eval-minutes", type=float, default=15.0, help="eval budget, all precisions")
+    p.add_argument("--iwae-k", type=int, default=100, help="importance samples of test/nll_iwae")
+    p.add_argument("--iwae-batch", type=int, default=1000, help="decoder passes per IWAE forward")
+    p.add_argument(
+        "--eval-precision",
+        default="32-true",
+        help='precision of the test pass; "same" = the training precision',
+    )
+    p.add_argument("--layers", type=int, default=3, help="PixelCNN layers of the decoder")
+    p.add_argument("--channels", type=int, default=32, help="PixelCNN channels")
+    p.add_argument("--latent-dim", type=int, default=16)
+    p.add_argument("--conditioning", choices=["upsample", "vector"], default="upsample")
+    p.add_argument("--pixelcnn", choices=["gated", "plain"], default="gated")
+    p.add_argument("--batch-size", type=int, default=100, help="training batch (paper code: 100)")
+    p.add_argument("--eval-batch-size", type=int, default=100)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--kl-warmup-steps", type=int, default=0, help="0 = the plain ELBO")
+    p.add_argument("--free-bits", type=float, default=0.0, help="nats per latent dim; 0 = off")
+    p.add_argument("--seed", type=int, default=0, help="init and data order (same per precision)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
+    p.add_argument(
+        "--keep-denormals",
+        action="store_true",
+        help="do not flush denormal floats to zero (they made fp32 steps ~4x slower here)",
+    )
+    p.add_argument("--warmup-steps", type=int, default=10, help="steps left out of images/s")
+    p.add_argument("--log-every", type=float, default=60.0, help="progress line every N seconds")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    args = p.parse_args(argv)
+    allowed = {"32-true", "bf16-mixed"}  # the two this script was run and checked with
+    for prec in args.precisions + ([] if args.eval_precision == "same" else [args.eval_precision]):
+        if prec not in allowed:
+            p.error(f"precision {prec!r} not in {sorted(allowed)}")
+    if not 0 <= args.n_test <= N_TEST_ALL:
+        p.error(f"--n-test must be in 0..{N_TEST_ALL}, got {args.n_test}")
+    return args
+
+
+# ---------------------------------------------------------------------------- environment
+def cpu_flags() -> tuple[str, set[str]]:
+    """CPU model name and flags from /proc/cpuinfo (empty where it does not exist)."""
+    name, flags = platform.processor() or "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    return name, flags
+
+
+def environment() -> dict:
+    name, flags = cpu_flags()
+    try:
+        onednn_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        onednn_bf16 = None
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "lightning": L.__version__,
+        "cpu": name,
+        "cores_available": len(os.sched_getaffinity(0)),
+        "torch_threads": torch.get_num_threads(),
+        "avx512f": "avx512f" in flags,
+        "avx512_bf16": "avx512_bf16" in flags,
+        "amx_bf16": "amx_bf16" in flags,
+        "onednn_bf16_supported": onednn_bf16,
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+def print_environment(env: dict) -> None:
+    native = env["avx512_bf16"] or env["amx_bf16"]
+    print(f"python {env['python']}  torch {env['torch']}  lightning {env['lightning']}")
+    print(f"CPU: {env['cpu']}, {env['cores_available']} cores available")
+    print(f"torch threads: {env['torch_threads']}, flush denormals: {env['flush_denormal']}")
+    print(
+        f"bf16 on this CPU: avx512_bf16={env['avx512_bf16']} amx_bf16={env['amx_bf16']} "
+        f"avx512f={env['avx512f']} oneDNN-bf16={env['onednn_bf16_supported']} -> "
+        + ("native bf16 instructions" if native else "no native bf16: bf16 math is emulated")
+    )
+    load = ", ".join(f"{x:.2f}" for x in env["load_average_at_start"])
+    print(f"load average at start (1/5/15 min): {load}  (other processes skew timings)")
+
+
+# ---------------------------------------------------------------------------------- data
+def data_root(path: str) -> tuple[str, tempfile.TemporaryDirectory | None]:
+    """The directory BinarizedMNIST reads: the given one, the file's parent, or a temporary
+    directory with a link named binarized_mnist.npz when the file has another name."""
+    p = Path(path).expanduser().resolve()
+    if p.is_dir():
+        if not (p / STATIC_NPZ).is_file():
+            sys.exit(f"error: no {STATIC_NPZ} in {p}")
+        return str(p), None
+    if not p.is_file():
+        sys.exit(f"error: {p} does not exist")
+    if p.name == STATIC_NPZ:
+        return str(p.parent), None
+    tmp = tempfile.TemporaryDirectory(prefix="pixelvae_bench_")
+    (Path(tmp.name) / STATIC_NPZ).symlink_to(p)
+    return tmp.name, tmp
+
+
+def test_subset(dataset, n: int) -> Subset:
+    """The first n of a fixed permutation: a class-balanced-in-expectation random subset
+    (the file is sorted by class), nested across n and identical across runs."""
+    order = np.random.default_rng(SUBSET_SEED).permutation(len(dataset))
+    return Subset(dataset, order[:n].tolist())
+
+
+# --------------------------------------------------------------------------------- model
+def make_model(args: argparse.Namespace) -> PixelVAE:
+    return PixelVAE(
+        latent_dim=args.latent_dim,
+        n_pixelcnn_layers=args.layers,
+        conditioning=args.conditioning,
+        pixelcnn=args.pixelcnn,
+        pixelcnn_channels=args.channels,
+        first_kernel=7,
+        kernel=5,
+        lr=args.lr,
+        kl_warmup_steps=args.kl_warmup_steps,
+        free_bits=args.free_bits,
+        iwae_k=args.iwae_k,
+        iwae_batch=args.iwae_batch,
+    )
+
+
+def autocast(precision: str):
+    """The autocast context Lightning uses on CPU for this precision (none for fp32)."""
+    if precision == "bf16-mixed":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def eval_seconds_per_image(args: argparse.Namespace, precision: str, x: torch.Tensor) -> float:
+    """Seconds per test image of the test step (ELBO + IWAE with k), from one timed batch
+    with fewer importance samples, scaled to k (IWAE cost is linear in k)."""
+    model = make_model(args).eval()
+    b = x.shape[0]
+    index = torch.arange(b)
+    k_probe = min(args.iwae_k, 2 * model.iwae_chunk(b))
+    with autocast(precision):
+        model.log_likelihood_bound(x[:2], 1)  # warm-up (allocator, oneDNN kernels)
+    with autocast(precision), model.per_example_noise(index):
+        t0 = time.perf_counter()
+        model.elbo_terms(x)
+        t1 = time.perf_counter()
+        model.log_likelihood_bound(x, k_probe)
+        t2 = time.perf_counter()
+    return ((t1 - t0) + (t2 - t1) * args.iwae_k / k_probe) / b
+
+
+# ----------------------------------------------------------------------------- callbacks
+class Throughput(L.Callback):
+    """Training images/s from wall time between batch ends, after `warmup` steps (so data
+    loading, logging, epoch turnovers count; one-off start-up costs do not), plus a
+    progress line every `every` seconds with the interval means of the logged train terms."""
+
+    KEYS = ("train/nelbo", "train/recon", "train/kl/z", "train/kl_weight")
+
+    def __init__(self, batch_size: int, warmup: int, every: float) -> None:
+        self.batch_size, self.warmup, self.every = batch_size, warmup, every
+        self.batches = 0
+        self.t_start = self.t_warm = self.t_last = self.t_print = None
+        self.sums: dict[str, float] = {}
+        self.count = 0
+        self.history: list[dict] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.t_start = self.t_print = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        self.batches += 1
+        if self.batches == self.warmup:
+            self.t_warm = now
+        self.t_last = now
+        metrics = trainer.callback_metrics
+        for key in self.KEYS:
+            if key in metrics:
+                self.sums[key] = self.sums.get(key, 0.0) + float(metrics[key])
+        self.count += 1
+        if now - self.t_print >= self.every:
+            self.t_print = now
+            row = {"s": round(now - self.t_start), "step": trainer.global_step}
+            row |= {k.removeprefix("train/"): v / self.count for k, v in self.sums.items()}
+            row["img/s"] = self.images_per_s
+            self.history.append(row)
+            print(
+                "  "
+                + "  ".join(
+                    f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+                ),
+                flush=True,
+            )
+            self.sums, self.count = {}, 0
+
+    @property
+    def images_per_s(self) -> float:
+        if self.t_warm is None or self.t_last <= self.t_warm:
+            return float("nan")
+        return (self.batches - self.warmup) * self.batch_size / (self.t_last - self.t_warm)
+
+    @property
+    def train_seconds(self) -> float:
+        return (self.t_last or 0.0) - (self.t_start or 0.0)
+
+
+# ------------------------------------------------------------------------------ one run
+def quiet_lightning() -> None:
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+
+def run_precision(
+    args: argparse.Namespace, precision: str, dm: BinarizedMNIST, test_loader: DataLoader
+) -> dict:
+    print(f"\n=== {precision}: training for {args.minutes:g} min ===", flush=True)
+    t_run = time.perf_counter()
+    L.seed_everything(args.seed, verbose=False)
+    model = make_model(args)
+    meter = Throughput(args.batch_size, args.warmup_steps, args.log_every)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision=precision,
+        max_time=timedelta(minutes=args.minutes),
+        max_epochs=-1,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[meter],
+    )
+    trainer.fit(model, datamodule=dm)
+    steps = trainer.global_step
+    print(
+        f"  trained {steps} steps ({steps * args.batch_size / N_TRAIN:.2f} epochs) in "
+        f"{meter.train_seconds:.0f} s: {meter.images_per_s:.1f} images/s",
+        flush=True,
+    )
+
+    eval_precision = precision if args.eval_precision == "same" else args.eval_precision
+    print(
+        f"  evaluating {len(test_loader.dataset)} test images, {eval_precision}, "
+        f"k={args.iwae_k} ...",
+        flush=True,
+    )
+    tester = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision=eval_precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    t_eval = time.perf_counter()
+    metrics = tester.test(model, dataloaders=test_loader, verbose=False)[0]
+    eval_s = time.perf_counter() - t_eval
+    result = {
+        "precision": precision,
+        "eval_precision": eval_precision,
+        "train_images_per_s": meter.images_per_s,
+        "steps": steps,
+        "epochs": steps * args.batch_size / N_TRAIN,
+        "train_s": meter.train_seconds,
+        "test_nelbo": float(metrics["test/nelbo"]),
+        "test_recon": float(metrics["test/recon"]),
+        "test_kl": float(metrics["test/kl/z"]),
+        "test_nll_iwae": float(metrics["test/nll_iwae"]),
+        "n_test": len(test_loader.dataset),
+        "iwae_k": args.iwae_k,
+        "eval_s": eval_s,
+        "wall_s": time.perf_counter() - t_run,
+        "history": meter.history,
+    }
+    print(
+        f"  -ELBO {result['test_nelbo']:.2f}  recon {result['test_recon']:.2f}  "
+        f"KL {result['test_kl']:.2f}  IWAE NLL {result['test_nll_iwae']:.2f} nats  "
+        f"(eval {eval_s:.0f} s)",
+        flush=True,
+    )
+    return result
+
+
+def print_table(results: list[dict], k: int) -> None:
+    head = (
+        "precision",
+        "train img/s",
+        "steps",
+        "epochs",
+        "test -ELBO",
+        "recon",
+        "KL",
+        f"IWAE NLL (k={k})",
+        "n_test",
+        "train s",
+        "eval s",
+        "wall s",
+    )
+    rows = [
+        (
+            r["precision"],
+            f"{r['train_images_per_s']:.1f}",
+            str(r["steps"]),
+            f"{r['epochs']:.2f}",
+            f"{r['test_nelbo']:.2f}",
+            f"{r['test_recon']:.2f}",
+            f"{r['test_kl']:.2f}",
+            f"{r['test_nll_iwae']:.2f}",
+            str(r["n_test"]),
+            f"{r['train_s']:.0f}",
+            f"{r['eval_s']:.0f}",
+            f"{r['wall_s']:.0f}",
+        )
+        for r in results
+    ]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+    line = "  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True))
+    print("\n" + line + "\n" + "-" * len(line))
+    for row in rows:
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+    print(
+        "(nats per image; -ELBO, recon and KL with one z per image; eval precision "
+        + ", ".join(sorted({r["eval_precision"] for r in results}))
+        + ")"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # When gradients vanish (a collapsed posterior, saturated gates) denormal floats appear,
+    # likely in Adam's second moments (grad**2), and x86 handles them in microcode: fp32 steps
+    # went from 1.2 s to ~5 s after ~30 steps here (1 thread). Flushing them changes nothing
+    # measurable in the losses; --keep-denormals turns it off.
+    if not args.keep_denormals:
+        torch.set_flush_denormal(True)
+    quiet_lightning()
+    env = environment()
+    env["flush_denormal"] = not args.keep_denormals
+    print_environment(env)
+
+    root, tmp = data_root(args.data)
+    dm = BinarizedMNIST(root=root, batch_size=args.batch_size, seed=args.seed, download=False)
+    dm.setup("fit")
+    print(f"data: {Path(root) / STATIC_NPZ}: train {len(dm.train_set)}, test {len(dm.test_set)}")
+    print(
+        f"model: {args.pixelcnn} PixelVAE, {args.layers} PixelCNN layers x {args.channels} ch "
+        f"(7x7 then 5x5), latent {args.latent_dim}, conditioning {args.conditioning}; "
+        f"batch {args.batch_size}, lr {args.lr:g}, KL warm-up {args.kl_warmup_steps} steps, "
+        f"free bits {args.free_bits:g}, seed {args.seed}"
+    )
+
+    # Evaluation cost: measured before training (it does not depend on the weights).
+    eval_precisions = [
+        p if args.eval_precision == "same" else args.eval_precision for p in args.precisions
+    ]
+    probe = torch.stack([dm.test_set[i][0] for i in test_subset(dm.test_set, 100).indices])
+    probe = probe[: args.eval_batch_size]
+    per_image = {p: eval_seconds_per_image(args, p, probe) for p in set(eval_precisions)}
+    total_per_image = sum(per_image[p] for p in eval_precisions)
+    for p, s in per_image.items():
+        print(
+            f"eval speed ({p}, k={args.iwae_k}): {1 / s:.2f} test images/s; all "
+            f"{N_TEST_ALL} would take {N_TEST_ALL * s / 60:.0f} min per precision"
+        )
+    if args.n_test:
+        n_test = args.n_test
+        why = "--n-test"
+    else:
+        fit = int(args.eval_minutes * 60 / total_per_image)
+        n_test = min(N_TEST_ALL, max(args.eval_batch_size, fit // 100 * 100))
+        why = f"largest multiple of 100 fitting --eval-minutes {args.eval_minutes:g}"
+    print(
+        f"n_test = {n_test} of {N_TEST_ALL} ({why}); fixed random subset (seed {SUBSET_SEED}); "
+        f"estimated eval {n_test * total_per_image / 60:.1f} min for all precisions",
+        flush=True,
+    )
+    test_loader = DataLoader(
+        test_subset(dm.test_set, n_test), batch_size=args.eval_batch_size, shuffle=False
+    )
+
+    results = [run_precision(args, p, dm, test_loader) for p in args.precisions]
+    env["load_average_at_end"] = os.getloadavg()
+    print_table(results, args.iwae_k)
+    for r in results:
+        if r["test_kl"] < 1.0:
+            print(
+                f"note: {r['precision']}: KL {r['test_kl']:.2f} nats < 1: z is barely used "
+                "(posterior collapse or close to it)"
+            )
+    if len(results) > 1 and all(math.isfinite(r["train_images_per_s"]) for r in results):
+        base = results[0]
+        for r in results[1:]:
+            ratio = r["train_images_per_s"] / base["train_images_per_s"]
+            print(f"{r['precision']} trains at {ratio:.2f}x the speed of {base['precision']}")
+    load = ", ".join(f"{x:.2f}" for x in env["load_average_at_end"])
+    print(f"load average at end (1/5/15 min): {load}")
+
+    if args.out:
+        out = {
+            "args": vars(args),
+            "environment": env,
+            "eval_s_per_image": per_image,
+            "results": results,
+        }
+        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+        print(f"results written to {args.out}")
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

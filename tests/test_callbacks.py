@@ -1,0 +1,205 @@
+"""The shared callbacks in short in-process Trainer runs (CPU), and the grid helper."""
+
+import csv
+import json
+import math
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from PIL import Image
+from tiny_data import TinyBinary
+
+from callbacks import KLBreakdown, SampleGrid, TestReport
+from callbacks.images import image_grid
+from datamodules.binarized_mnist import load_sample
+from lightning_modules import PixelVAE
+
+CELL = 28 + 1  # image + 1 px of padding
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: extra threads only add overhead (and the setting is process-wide)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_vae(cls: type[PixelVAE] = PixelVAE) -> PixelVAE:
+    torch.manual_seed(0)
+    return cls(latent_dim=4, n_pixelcnn_layers=1, pixelcnn_channels=8, iwae_k=3)
+
+
+class InvertingVAE(PixelVAE):
+    """`reconstruct` returns the negative image, so the grid layout can be checked exactly."""
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return 1 - x
+
+
+def trainer(tmp_path, callbacks, max_epochs: int = 1, **kwargs) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=max_epochs,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        logger=CSVLogger(tmp_path, name="run"),
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        **kwargs,
+    )
+
+
+def cells(grid: np.ndarray, ncols: int) -> list[np.ndarray]:
+    """The 28x28 images of a grid, row-major, without their padding."""
+    rows = grid.shape[0] // CELL
+    return [
+        grid[r * CELL : r * CELL + 28, c * CELL : c * CELL + 28]
+        for r in range(rows)
+        for c in range(ncols)
+    ]
+
+
+def padding(grid: np.ndarray) -> np.ndarray:
+    """The separator pixels: last row and column of every cell."""
+    return np.concatenate([grid[CELL - 1 :: CELL].ravel(), grid[:, CELL - 1 :: CELL].ravel()])
+
+
+# ------------------------------------------------------------------------------ image_grid
+def test_image_grid_layout_and_values():
+    images = torch.stack([torch.full((1, 2, 2), v) for v in (0.0, 0.5, 1.0)])
+    images[0, 0, 0, 0] = -3.0  # clamped to 0
+    images[2, 0, 1, 1] = 7.0  # clamped to 1
+    grid = image_grid(images, ncols=2)
+    p = 128  # padding: 0.5 * 255 rounded
+    expected = np.array(
+        [
+            [0, 0, p, 128, 128, p],
+            [0, 0, p, 128, 128, p],
+            [p, p, p, p, p, p],
+            [255, 255, p, 0, 0, p],  # the blank that fills the last row is black
+            [255, 255, p, 0, 0, p],
+            [p, p, p, p, p, p],
+        ],
+        dtype=np.uint8,
+    )
+    assert grid.dtype == np.uint8
+    np.testing.assert_array_equal(grid, expected)
+
+
+def test_image_grid_rgb_and_padding_width():
+    images = torch.zeros(5, 3, 4, 6)
+    images[:, 1] = 1.0  # green
+    grid = image_grid(images, ncols=3, pad=2)
+    assert grid.shape == (2 * (4 + 2), 3 * (6 + 2), 3)
+    np.testing.assert_array_equal(grid[0, 0], [0, 255, 0])
+    np.testing.assert_array_equal(grid[4, 0], [128, 128, 128])  # padding row
+    np.testing.assert_array_equal(grid[6, 2 * 8], [0, 0, 0])  # the blank 6th cell
+
+
+# ------------------------------------------------------------------------------ SampleGrid
+def test_sample_grid_every_n_epochs_and_after_test(tmp_path):
+    grid_cb = SampleGrid(every_n_epochs=2, n_samples=4, n_reconstructions=2, ncols=2)
+    t = trainer(tmp_path, [grid_cb], max_epochs=4)
+    model, data = tiny_vae(InvertingVAE), TinyBinary(n_test=9)
+    t.fit(model, datamodule=data)
+    t.test(model, datamodule=data)
+    out = tmp_path / "run" / "version_0" / "samples"
+    # validation epochs 1 and 3 (every 2nd), never the sanity check, and once after test
+    assert sorted(p.name for p in out.iterdir()) == [
+        f"{kind}_{tag}.png"
+        for kind in ("reconstructions", "samples")
+        for tag in ("epoch0001", "epoch0003", "test")
+    ]
+    sample = load_sample()
+    for tag, split in (("epoch0003", "valid"), ("test", "test")):
+        samples = np.asarray(Image.open(out / f"samples_{tag}.png"))
+        assert samples.shape == (2 * CELL, 2 * CELL)  # 4 samples in 2 rows of 2
+        assert set(np.unique(np.concatenate([c.ravel() for c in cells(samples, 2)]))) <= {0, 255}
+        assert (padding(samples) == 128).all()
+
+        recon = np.asarray(Image.open(out / f"reconstructions_{tag}.png"))
+        assert recon.shape == (2 * CELL, 2 * CELL)  # 2 (original, reconstruction) rows
+        originals = sample[split][:2] * 255  # the first images of the split
+        images = cells(recon, 2)
+        for i in range(2):
+            np.testing.assert_array_equal(images[2 * i], originals[i])
+            np.testing.assert_array_equal(images[2 * i + 1], 255 - originals[i])
+        assert (padding(recon) == 128).all()
+
+
+def test_sample_grid_real_reconstructions_and_test_only(tmp_path):
+    """every_n_epochs=0: nothing during fit; after test, binary reconstructions; rows hold
+    ncols // 2 (original, reconstruction) pairs."""
+    grid_cb = SampleGrid(every_n_epochs=0, n_samples=3, n_reconstructions=3, ncols=4)
+    t = trainer(tmp_path, [grid_cb], max_epochs=1)
+    model, data = tiny_vae(), TinyBinary(n_test=9)
+    t.fit(model, datamodule=data)
+    out = tmp_path / "run" / "version_0" / "samples"
+    assert not out.exists()
+    t.test(model, datamodule=data)
+    samples = np.asarray(Image.open(out / "samples_test.png"))
+    assert samples.shape == (1 * CELL, 4 * CELL)  # 3 samples and a blank in one row
+    recon = np.asarray(Image.open(out / "reconstructions_test.png"))
+    assert recon.shape == (2 * CELL, 4 * CELL)  # 3 pairs, 2 per row
+    images = cells(recon, 4)
+    originals = load_sample()["test"][:3] * 255
+    for i in range(3):
+        np.testing.assert_array_equal(images[2 * i], originals[i])
+        assert set(np.unique(images[2 * i + 1])) <= {0, 255}
+    assert (images[6] == 0).all() and (images[7] == 0).all()  # the empty last pair
+
+
+# ----------------------------------------------------------------------------- KLBreakdown
+def test_kl_breakdown_rows_per_validation_epoch_and_test(tmp_path):
+    kl_cb = KLBreakdown()
+    t = trainer(tmp_path, [kl_cb], max_epochs=3)
+    model, data = tiny_vae(), TinyBinary(n_test=9)
+    t.fit(model, datamodule=data)
+    (tested,) = t.test(model, datamodule=data)
+    with (tmp_path / "run" / "version_0" / "kl_breakdown.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["stage"], r["epoch"]) for r in rows[:3]] == [
+        ("val", "0"),
+        ("val", "1"),
+        ("val", "2"),
+    ]
+    assert [r["stage"] for r in rows] == ["val"] * 3 + ["test"]  # no sanity-check row
+    assert {"stage", "epoch", "nelbo", "recon", "kl/z", "nll_iwae"} == set(rows[0])
+    for row in rows:
+        nelbo, recon, kl = (float(row[k]) for k in ("nelbo", "recon", "kl/z"))
+        assert math.isfinite(nelbo) and kl >= 0
+        assert nelbo == pytest.approx(recon + kl, abs=1e-3)
+    assert all(r["nll_iwae"] == "" for r in rows[:3])  # IWAE only at test time
+    for key in ("nelbo", "recon", "kl/z", "nll_iwae"):
+        assert float(rows[-1][key]) == pytest.approx(tested[f"test/{key}"], rel=1e-6)
+    assert "| stage |" in kl_cb.table() and len(kl_cb.table().splitlines()) == 2 + 4
+
+
+# ------------------------------------------------------------------------------ TestReport
+def test_test_report_json(tmp_path):
+    t = trainer(tmp_path, [TestReport(filename="report.json")], max_epochs=1)
+    model, data = tiny_vae(), TinyBinary(n_test=9)
+    t.fit(model, datamodule=data)
+    (tested,) = t.test(model, datamodule=data)
+    report = json.loads((tmp_path / "run" / "version_0" / "report.json").read_text())
+    assert report["model"] == "PixelVAE"
+    assert report["datamodule"] == "TinyBinary"
+    assert report["data"]["n_test"] == 9 and report["data"]["batch_size"] == 16
+    assert report["hparams"] == json.loads(json.dumps(dict(model.hparams)))
+    assert report["hparams"]["latent_dim"] == 4 and report["hparams"]["pixelcnn_channels"] == 8
+    assert report["iwae_k"] == 3
+    assert report["n_test_examples"] == 9
+    assert report["ckpt_path"] is None  # the in-memory model was tested
+    assert report["global_step"] == 2
+    assert set(report["metrics"]) == set(tested)
+    for key, value in tested.items():
+        assert report["metrics"][key] == pytest.approx(value, rel=1e-6)
