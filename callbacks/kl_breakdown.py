@@ -6,6 +6,8 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from .run_dir import run_dir
+
 
 def stage_terms(metrics: dict, stage: str) -> dict[str, float]:
     """The ``{stage}/nelbo``, ``{stage}/recon`` and ``{stage}/kl/*`` entries as floats."""
@@ -32,9 +34,9 @@ class KLBreakdown(L.Callback):
         if not terms:
             return
         self.rows.append({"stage": stage, "epoch": trainer.current_epoch, **terms})
-        log_dir = trainer.log_dir or trainer.default_root_dir  # a collective: every rank
+        log_dir = run_dir(trainer)
         if trainer.is_global_zero:
-            self._write(Path(log_dir) / "kl_breakdown.csv")
+            self._write(log_dir / "kl_breakdown.csv")
 
     def _write(self, path: Path) -> None:
         fields = list(dict.fromkeys(k for row in self.rows for k in row))

@@ -9,6 +9,7 @@ from einops import rearrange
 from PIL import Image
 
 from .images import save_grid
+from .run_dir import run_dir
 
 
 class SampleGrid(L.Callback):
@@ -62,7 +63,7 @@ class SampleGrid(L.Callback):
 
     @torch.no_grad()
     def write(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str) -> list[Path]:
-        out = Path(trainer.log_dir or trainer.default_root_dir) / "samples"  # a collective
+        out = run_dir(trainer) / "samples"
         if not trainer.is_global_zero:
             return []
         paths = [

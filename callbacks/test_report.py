@@ -2,9 +2,10 @@
 
 import json
 from datetime import datetime, timezone
-from pathlib import Path
 
 import lightning as L
+
+from .run_dir import run_dir
 
 
 class TestReport(L.Callback):
@@ -18,7 +19,7 @@ class TestReport(L.Callback):
         self.filename = filename
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        log_dir = trainer.log_dir or trainer.default_root_dir  # a collective: every rank
+        log_dir = run_dir(trainer)
         if not trainer.is_global_zero:
             return
         metrics = {
@@ -38,7 +39,7 @@ class TestReport(L.Callback):
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "metrics": metrics,
         }
-        path = Path(log_dir) / self.filename
+        path = log_dir / self.filename
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2) + "\n")
 
