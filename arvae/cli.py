@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from arvae import report
-from callbacks import KLBreakdown, SampleGrid, TestReport
+from callbacks import KLBreakdown, NoiseVariation, SampleGrid, TestReport
 from datamodules import ImageDataModule
 from lightning_modules import ImageModel
 
@@ -35,6 +35,7 @@ class ArvaeCLI(LightningCLI):
         parser.link_arguments(
             "data.data_shape", "model.init_args.image_shape", apply_on="instantiate"
         )
+        parser.link_arguments("data.data_kind", "model.init_args.data_kind", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -47,6 +48,7 @@ class ArvaeCLI(LightningCLI):
         )
         parser.add_lightning_class_args(SampleGrid, "samples")
         parser.add_lightning_class_args(KLBreakdown, "kl_breakdown")
+        parser.add_lightning_class_args(NoiseVariation, "noise_variation")
         parser.add_lightning_class_args(TestReport, "test_report")
 
     def after_fit(self) -> None:

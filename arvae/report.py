@@ -2,15 +2,14 @@
 
 Reads every ``test_metrics.json`` (written by the TestReport callback) under the given
 directories, one row per run: the model, chosen hyper-parameters (``--columns``), the
-negative ELBO and its terms and the importance-weighted NLL, in nats per image. This is
+negative ELBO and its terms and the importance-weighted NLL, in nats per image, and on
+8-bit data both bounds in bits per dimension (``bpd``, ``bpd_iwae``). This is
 the data behind sweeps such as PixelVAE Fig. 4a/4b (``--columns n_pixelcnn_layers``).
 """
 
 import argparse
 import json
 from pathlib import Path
-
-METRICS = ("nelbo", "recon", "kl", "nll_iwae")
 
 
 def collect(paths: list[Path]) -> list[dict]:
@@ -32,18 +31,29 @@ def row(report: dict, columns: list[str]) -> dict:
         "recon": m.get("test/recon"),
         "kl": sum(kl) if kl else None,
         "nll_iwae": m.get("test/nll_iwae"),
+        "bpd": m.get("test/bpd"),
+        "bpd_iwae": m.get("test/bpd_iwae"),
         "k": report.get("iwae_k"),
         "n_test": report.get("n_test_examples"),
     }
 
 
+def cell(value, field: str) -> str:
+    """Nats with 2 decimals, bits per dimension with 3, nothing for a missing value."""
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.3f}" if field.startswith("bpd") else f"{value:.2f}"
+    return str(value)
+
+
 def markdown(rows: list[dict]) -> str:
     if not rows:
         return "(no test_metrics.json found)"
-    fields = list(rows[0])
+    fields = [f for f in rows[0] if any(r[f] is not None for r in rows)]
     lines = ["| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
     for r in rows:
-        cells = [f"{r[f]:.2f}" if isinstance(r[f], float) else str(r[f]) for f in fields]
+        cells = [cell(r[f], f) for f in fields]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -12,7 +12,7 @@ from .run_dir import run_dir
 def stage_terms(metrics: dict, stage: str) -> dict[str, float]:
     """The ``{stage}/nelbo``, ``{stage}/recon`` and ``{stage}/kl/*`` entries as floats."""
     prefix = f"{stage}/"
-    keep = ("nelbo", "recon", "kl/", "nll_iwae")
+    keep = ("nelbo", "recon", "kl/", "nll_iwae", "bpd")
     return {
         k[len(prefix) :]: float(v)
         for k, v in sorted(metrics.items())
@@ -67,7 +67,9 @@ class KLBreakdown(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.rows:
-            rank_zero_info("KL breakdown (nats per image):\n" + self.table())
+            rank_zero_info(
+                "KL breakdown (nats per image; bpd in bits per dimension):\n" + self.table()
+            )
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.on_fit_end(trainer, pl_module)

@@ -1,7 +1,8 @@
 """arvae models: one LightningModule per paper on a shared backbone."""
 
 from .base import ImageModel
+from .hierarchical_pixelvae import HierarchicalPixelVAE
 from .pixelcnn import PixelCNN
 from .pixelvae import PixelVAE
 
-__all__ = ["ImageModel", "PixelCNN", "PixelVAE"]
+__all__ = ["HierarchicalPixelVAE", "ImageModel", "PixelCNN", "PixelVAE"]

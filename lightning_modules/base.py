@@ -7,7 +7,8 @@ callbacks, the CLI and the tests use only that contract.
 Units: every term is in nats per example (per image). Metrics (DESIGN.md "Evaluation
 protocol"): ``{stage}/nelbo`` (the negative ELBO), ``{stage}/recon`` (-log p(x|z)),
 ``{stage}/kl/<level>`` and, at test time, ``test/nll_iwae`` (the importance-weighted bound
-with ``iwae_k`` samples; the exact NLL for models without latents).
+with ``iwae_k`` samples; the exact NLL for models without latents). On 8-bit data the same
+bounds are also reported in bits per dimension: ``{stage}/bpd`` and ``test/bpd_iwae``.
 """
 
 import math
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from .likelihoods import Bernoulli
+from .likelihoods import LIKELIHOODS, bits_per_dim
 
 
 class ImageModel(L.LightningModule):
@@ -27,6 +28,8 @@ class ImageModel(L.LightningModule):
 
     Args:
         image_shape: (C, H, W) of the data; linked from the datamodule by the CLI.
+        data_kind: "binary" (Bernoulli pixels, nats per image) or "8bit" (256-way
+            categorical pixels, also bits per dimension); linked from the datamodule too.
         lr: learning rate.
         optimizer: "adam" (PixelVAE, AGAVE) or "adamax" (VLAE).
         kl_warmup_steps: linear annealing of the KL weight from 0 to 1 over this many
@@ -42,11 +45,10 @@ class ImageModel(L.LightningModule):
             on the batch size, the order or the number of DDP ranks.
     """
 
-    likelihood = Bernoulli
-
     def __init__(
         self,
         image_shape: tuple[int, int, int] = (1, 28, 28),
+        data_kind: Literal["binary", "8bit"] = "binary",
         lr: float = 1e-3,
         optimizer: Literal["adam", "adamax"] = "adam",
         kl_warmup_steps: int = 0,
@@ -59,6 +61,8 @@ class ImageModel(L.LightningModule):
         if iwae_k < 1 or iwae_batch < 1:
             raise ValueError(f"iwae_k and iwae_batch must be >= 1, got {iwae_k}, {iwae_batch}")
         self.image_shape = tuple(image_shape)
+        self.data_kind = data_kind
+        self.likelihood = LIKELIHOODS[data_kind]
         self.lr = lr
         self.optimizer_name = optimizer
         self.kl_warmup_steps = kl_warmup_steps
@@ -82,8 +86,15 @@ class ImageModel(L.LightningModule):
         """Per-example log p(x) lower bound with k importance samples (exact without latents)."""
         raise NotImplementedError
 
-    def sample(self, n: int) -> torch.Tensor:
-        """n images drawn from the model, shaped (n, C, H, W)."""
+    def sample(self, n: int, noise: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """n images drawn from the model, shaped (n, C, H, W). ``noise`` (from
+        :meth:`sample_noise`) fixes every level's sampling noise, which makes the sample a
+        deterministic function of it; None draws fresh noise."""
+        raise NotImplementedError
+
+    def sample_noise(self, n: int, generator: torch.Generator | None = None):
+        """All the noise one call of :meth:`sample` consumes, per level (top latent first,
+        pixels ``"x"`` last): hold all but one level fixed to see what that level models."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ utilities
@@ -120,6 +131,15 @@ class ImageModel(L.LightningModule):
     def iwae_chunk(self, batch: int) -> int:
         """Importance samples per forward pass so that batch x chunk <= iwae_batch."""
         return max(1, self.iwae_batch // batch)
+
+    def to_unit_range(self, x: torch.Tensor) -> torch.Tensor:
+        """Images of this model's data kind scaled to [0, 1], for display."""
+        return x.float() / (255.0 if self.data_kind == "8bit" else 1.0)
+
+    @property
+    def dims(self) -> int:
+        """Dimensions of one image, C * H * W (the denominator of bits per dimension)."""
+        return math.prod(self.image_shape)
 
     @property
     def kl_weight(self) -> float:
@@ -160,6 +180,8 @@ class ImageModel(L.LightningModule):
             )
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/nelbo", self.nelbo(terms).mean())
+        if self.data_kind == "8bit":
+            self.log("train/bpd", bits_per_dim(self.nelbo(terms).mean(), self.dims))
         for name, value in terms.items():
             self.log(f"train/{name}", value.mean())
         if self.latent_dims:
@@ -178,7 +200,7 @@ class ImageModel(L.LightningModule):
             metric,
             on_step=False,
             on_epoch=True,
-            prog_bar=name in ("nelbo", "nll_iwae"),
+            prog_bar=name in ("nelbo", "nll_iwae", "bpd", "bpd_iwae"),
             metric_attribute=f"metrics.{mkey}",
         )
 
@@ -187,11 +209,17 @@ class ImageModel(L.LightningModule):
         self.check_input(x)
         with self.per_example_noise(index):
             terms = self.elbo_terms(x)
-            self._update(stage, "nelbo", self.nelbo(terms))
+            nelbo = self.nelbo(terms)
+            self._update(stage, "nelbo", nelbo)
             for name, value in terms.items():
                 self._update(stage, name, value)
+            if self.data_kind == "8bit":
+                self._update(stage, "bpd", bits_per_dim(nelbo, self.dims))
             if stage == "test":
-                self._update(stage, "nll_iwae", -self.log_likelihood_bound(x, self.iwae_k))
+                nll = -self.log_likelihood_bound(x, self.iwae_k)
+                self._update(stage, "nll_iwae", nll)
+                if self.data_kind == "8bit":
+                    self._update(stage, "bpd_iwae", bits_per_dim(nll, self.dims))
 
     def validation_step(self, batch, batch_idx):
         self._evaluate("val", batch)

@@ -39,12 +39,25 @@ class PixelCNN(ImageModel):
 
     def elbo_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         self.check_input(x)
-        return {"recon": -self.likelihood.log_prob(self.net(x), x)}
+        return {"recon": -self.likelihood.log_prob(self.params(x), x)}
+
+    def params(self, x: torch.Tensor) -> torch.Tensor:
+        """Likelihood parameters of every pixel of x (causal in x)."""
+        return self.net(self.likelihood.network_input(x))
 
     def log_likelihood_bound(self, x: torch.Tensor, k: int = 1) -> torch.Tensor:
         return -self.elbo_terms(x)["recon"]
 
-    def sample(self, n: int) -> torch.Tensor:
+    def sample_noise(self, n: int, generator: torch.Generator | None = None):
+        return {"x": self.likelihood.noise((n, *self.image_shape), generator)}
+
+    @torch.no_grad()
+    def sample(self, n: int, noise: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         return sample_autoregressive(
-            self.net, self.likelihood.sample, (n, *self.image_shape), self.device
+            lambda x, rows: self.params(x),
+            self.likelihood.sample,
+            (n, *self.image_shape),
+            self.device,
+            noise=None if noise is None else noise["x"],
+            context_rows=self.net.receptive_rows,
         )

@@ -95,7 +95,7 @@ class PixelVAE(ImageModel):
         """Likelihood parameters for every pixel of x given the conditioning."""
         if self.pixelcnn is None:
             return self.factorized_head(cond[1])
-        return self.pixelcnn(x, *cond)
+        return self.pixelcnn(self.likelihood.network_input(x), *cond)
 
     # ---------------------------------------------------------------- contract
     def elbo_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -129,20 +129,31 @@ class PixelVAE(ImageModel):
         return log_mean_exp(torch.cat(log_w, dim=1))
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Sample x ~ p(x|z): pixel by pixel, or in one pass for the factorized decoder."""
-        cond = self.condition(z)
+        vec, cmap = self.condition(z)
         shape = (z.shape[0], *self.image_shape)
         if self.pixelcnn is None:
-            return self.likelihood.sample(
-                self.pixel_params(torch.zeros(shape, device=z.device), cond)
-            )
+            params = self.pixel_params(torch.zeros(shape, device=z.device), (vec, cmap))
+            return self.likelihood.sample(params, noise)
         return sample_autoregressive(
-            lambda x: self.pixel_params(x, cond), self.likelihood.sample, shape, self.device
+            lambda x, rows: self.pixel_params(x, (vec, None if cmap is None else cmap[:, :, rows])),
+            self.likelihood.sample,
+            shape,
+            self.device,
+            noise=noise,
+            context_rows=self.pixelcnn.receptive_rows,
         )
 
-    def sample(self, n: int) -> torch.Tensor:
-        return self.decode(self.randn(n, self.latent_dim))
+    def sample_noise(self, n: int, generator: torch.Generator | None = None):
+        return {
+            "z": DiagonalGaussian.noise((n, self.latent_dim), generator),
+            "x": self.likelihood.noise((n, *self.image_shape), generator),
+        }
+
+    def sample(self, n: int, noise: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        noise = self.sample_noise(n) if noise is None else noise
+        return self.decode(noise["z"].to(self.device), noise["x"])
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,19 +1,29 @@
 """Causality of every masked network, proven by gradients, and the likelihood heads."""
 
 import itertools
+import math
 
 import pytest
 import torch
+from einops import rearrange
 
 from lightning_modules.backbone import (
     GatedBlock,
     GatedPixelCNN,
     MaskedConv2d,
+    PixelEmbedding,
     PlainPixelCNN,
+    ResBlock,
     causal_mask,
+    from_vector,
+    n_halvings,
+    resnet,
+    sample_autoregressive,
     shift_down,
+    to_vector,
+    weight_norm_masked_,
 )
-from lightning_modules.likelihoods import Bernoulli, DiagonalGaussian
+from lightning_modules.likelihoods import Bernoulli, Categorical, DiagonalGaussian, bits_per_dim
 
 H, W = 6, 7
 
@@ -155,3 +165,172 @@ def test_gaussian_log_prob_integrates_to_one():
     mean, log_std = torch.tensor([[0.7]]), torch.tensor([[0.3]])
     density = DiagonalGaussian.log_prob(mean.expand_as(grid), log_std.expand_as(grid), grid).exp()
     assert abs(float(torch.trapezoid(density, grid[:, 0])) - 1) < 1e-6
+
+
+# --------------------------------------------------------------- 8-bit images (E.2)
+def test_rgb_pixelcnn_on_embedded_pixels_is_channel_causal():
+    """R at (i, j) sees no G/B of its own pixel, G sees R, B sees R and G, through the pixel
+    embedding (output channel e * 3 + c belongs to colour c) and with weight norm on."""
+    embed_dim, n_values = 2, 4
+    net = GatedPixelCNN(
+        3 * embed_dim, 3 * n_values, 2, channels=6, first_kernel=3, kernel=3, n_colors=3
+    )
+    net = weight_norm_masked_(net).double()
+    assert_causal(net, 3, 3 * embed_dim, 3 * n_values, blind_spot_free=False)
+
+
+def test_weight_norm_keeps_initial_weights_and_masks():
+    torch.manual_seed(0)
+    conv = MaskedConv2d(3, 6, 3, "A", n_groups=3)
+    before = conv.weight.detach().clone()
+    weight_norm_masked_(conv)
+    assert torch.nn.utils.parametrize.is_parametrized(conv, "weight")
+    torch.testing.assert_close(conv.weight, before)
+    x = torch.randn(1, 3, 5, 5)
+    torch.testing.assert_close(
+        conv(x), torch.nn.functional.conv2d(x, before * conv.mask, conv.bias, padding=1)
+    )
+
+
+def test_rgb_categorical_pixelcnn_sums_to_one_over_all_images():
+    """sum over all 4^6 images (3 colours, 1x2 pixels, 4 values) of p(x) = 1: the R -> G -> B
+    chain of an untrained, conditioned PixelCNN on embedded pixels is a distribution."""
+    torch.manual_seed(0)
+    n_values, embed_dim = 4, 2
+    cat = Categorical(n_values)
+    embed = PixelEmbedding(n_values, embed_dim).double()
+    net = GatedPixelCNN(
+        3 * embed_dim,
+        3 * n_values,
+        2,
+        channels=6,
+        first_kernel=3,
+        kernel=3,
+        n_colors=3,
+        cond_map_channels=2,
+    ).double()
+    values = torch.tensor(list(itertools.product(range(n_values), repeat=6)), dtype=torch.float64)
+    x = values.view(-1, 3, 1, 2)
+    cmap = torch.randn(1, 2, 1, 2, dtype=torch.float64).expand(len(x), 2, 1, 2)
+    with torch.no_grad():
+        params = net(embed(x), None, cmap).double()
+        logits = rearrange(params, "b (v c) h w -> b c h w v", v=n_values).log_softmax(-1)
+        log_p = logits.gather(-1, x.long()[..., None])[..., 0].flatten(1).sum(1)
+    assert abs(float(log_p.exp().sum()) - 1.0) < 1e-9
+    # the library's log_prob agrees with the direct computation (float32 logits)
+    torch.testing.assert_close(cat.log_prob(params, x), log_p.float(), rtol=1e-5, atol=1e-4)
+
+
+def test_categorical_log_prob_sample_and_mode():
+    torch.manual_seed(0)
+    cat = Categorical(256)
+    params = torch.randn(4, 3 * 256, 2, 2)
+    x = torch.randint(0, 256, (4, 3, 2, 2)).float()
+    logits = rearrange(params, "b (v c) h w -> b c h w v", v=256).log_softmax(-1)
+    direct = logits.gather(-1, x.long()[..., None])[..., 0].flatten(1).sum(1)
+    torch.testing.assert_close(cat.log_prob(params, x), direct)
+    assert torch.equal(cat.mode(params), logits.argmax(-1).float())
+    noise = cat.noise((4, 3, 2, 2))
+    sample = cat.sample(params, noise)
+    assert torch.equal(sample, cat.sample(params, noise)) and sample.max() <= 255
+    assert torch.equal(sample, sample.round())
+    # inverse-CDF sampling follows the probabilities: a 3-way distribution, 20k draws
+    probs = torch.tensor([0.2, 0.5, 0.3])
+    draws = Categorical(3).sample(probs.log().view(1, 3, 1, 1).expand(20_000, 3, 1, 1))
+    freq = torch.bincount(draws.flatten().long(), minlength=3) / 20_000
+    torch.testing.assert_close(freq, probs, atol=0.015, rtol=0)
+    with pytest.raises(ValueError, match="0..255"):
+        cat.log_prob(params, x - 256)
+
+
+def test_autoregressive_gaussian_prior_integrates_to_one():
+    """A conditional PixelCNN with a diagonal-Gaussian head over a 1x2 latent map with one
+    channel: its density integrates to 1 over the plane (the second value's Gaussian
+    depends on the first)."""
+    torch.manual_seed(0)
+    net = GatedPixelCNN(1, 2, 2, channels=4, first_kernel=3, kernel=3, cond_map_channels=1).double()
+    with torch.no_grad():  # keep the std away from tiny values, so the grid resolves it
+        net.head.out.bias.copy_(torch.tensor([0.0, 0.3]))
+    grid = torch.linspace(-9, 9, 601, dtype=torch.float64)
+    z = torch.cartesian_prod(grid, grid).view(-1, 1, 1, 2)
+    cmap = torch.randn(1, 1, 1, 2, dtype=torch.float64).expand(len(z), 1, 1, 2)
+    with torch.no_grad():
+        mean, log_std = DiagonalGaussian.split(net(z, None, cmap).double())
+        density = DiagonalGaussian.log_prob(mean.double(), log_std.double(), z).exp()
+    step = float(grid[1] - grid[0])
+    assert abs(float(density.sum()) * step**2 - 1) < 1e-3
+    assert float(mean[:, :, :, 1].std()) > 0  # the second position does depend on the first
+
+
+def test_gaussian_kl_between_two_gaussians_matches_monte_carlo():
+    torch.manual_seed(1)
+    mq, lq, mp, lp = (
+        torch.randn(1, 6),
+        0.3 * torch.randn(1, 6),
+        torch.randn(1, 6),
+        0.3 * torch.randn(1, 6),
+    )
+    z = DiagonalGaussian.sample(mq, lq, torch.randn(200_000, 6))
+    mc = (
+        DiagonalGaussian.log_prob(mq.expand_as(z), lq.expand_as(z), z)
+        - DiagonalGaussian.log_prob(mp.expand_as(z), lp.expand_as(z), z)
+    ).mean()
+    analytic = DiagonalGaussian.kl(mq, lq, mp, lp).sum()
+    assert abs(float(mc - analytic)) < 0.03 * float(analytic) + 0.01
+
+
+def test_bits_per_dim_conversion():
+    nats = torch.tensor([3072 * math.log(2) * 3.0])
+    torch.testing.assert_close(bits_per_dim(nats, 3 * 32 * 32), torch.tensor([3.0]))
+    # a uniform 256-way model costs exactly 8 bits per dimension
+    cat = Categorical(256)
+    x = torch.randint(0, 256, (2, 3, 4, 4)).float()
+    uniform = -cat.log_prob(torch.zeros(2, 3 * 256, 4, 4), x)
+    torch.testing.assert_close(bits_per_dim(uniform, 3 * 4 * 4), torch.full((2,), 8.0))
+
+
+def test_resnet_blocks_resample_by_two_and_vectors_round_trip():
+    x = torch.randn(2, 8, 16, 16)
+    assert ResBlock(8, 12, "down")(x).shape == (2, 12, 8, 8)
+    assert ResBlock(8, 12, "up")(x).shape == (2, 12, 32, 32)
+    assert ResBlock(8, 8)(x).shape == x.shape
+    down = resnet([8, 16, 32], 8, "down", blocks=1)
+    assert down(x).shape == (2, 32, 4, 4)
+    up = resnet([32, 16, 8], 32, "up", blocks=1)
+    assert up(down(x)).shape == x.shape
+    v = to_vector(32, 4, 10)(down(x))
+    assert v.shape == (2, 10, 1, 1) and from_vector(10, 32, 4)(v).shape == (2, 32, 4, 4)
+    assert n_halvings(64, 8) == 3 and n_halvings(4, 32) == 3
+    with pytest.raises(ValueError, match="power of two"):
+        n_halvings(24, 8)
+
+
+def test_pixel_embedding_groups_channels_by_colour():
+    embed = PixelEmbedding(256, 5)
+    x = torch.zeros(1, 3, 2, 2)
+    x[0, 1] = 7  # only G changes
+    out, base = embed(x), embed(torch.zeros_like(x))
+    changed = (out != base).flatten(2).any(-1)[0]
+    assert changed.tolist() == [k % 3 == 1 for k in range(15)]
+
+
+@pytest.mark.parametrize("kind", ["gated", "plain"])
+def test_sampling_with_a_receptive_field_window_is_exact(kind):
+    """Sampling row i from rows i - receptive_rows .. i gives the very same images as
+    sampling from the whole canvas (same noise), so the window loses nothing."""
+    torch.manual_seed(0)
+    cat = Categorical(4)
+    cls = GatedPixelCNN if kind == "gated" else PlainPixelCNN
+    net = cls(3, 12, 3, channels=6, first_kernel=5, kernel=3, n_colors=3, cond_map_channels=2)
+    cmap = torch.randn(2, 2, 9, 5)
+    noise = cat.noise((2, 3, 9, 5))
+
+    def params(x, rows):
+        return net(cat.network_input(x), None, cmap[:, :, rows])
+
+    full = sample_autoregressive(params, cat.sample, (2, 3, 9, 5), noise=noise)
+    window = sample_autoregressive(
+        params, cat.sample, (2, 3, 9, 5), noise=noise, context_rows=net.receptive_rows
+    )
+    assert torch.equal(full, window)
+    assert net.receptive_rows < 9 - 1  # the window really is smaller than the canvas

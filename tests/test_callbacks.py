@@ -10,12 +10,12 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
-from tiny_data import TinyBinary
+from tiny_data import TinyBinary, TinyColour
 
-from callbacks import KLBreakdown, SampleGrid, TestReport
+from callbacks import KLBreakdown, NoiseVariation, SampleGrid, TestReport
 from callbacks.images import image_grid
 from datamodules.binarized_mnist import load_sample
-from lightning_modules import PixelVAE
+from lightning_modules import HierarchicalPixelVAE, PixelVAE
 
 CELL = 28 + 1  # image + 1 px of padding
 
@@ -203,3 +203,35 @@ def test_test_report_json(tmp_path):
     assert set(report["metrics"]) == set(tested)
     for key, value in tested.items():
         assert report["metrics"][key] == pytest.approx(value, rel=1e-6)
+
+
+def test_noise_variation_holds_every_level_but_one(tmp_path):
+    """Within a row only the varied level's noise changes; the grids are written per level,
+    rows x variations images each, and the per-level reconstruction grids for hierarchies."""
+    torch.manual_seed(0)
+    model = HierarchicalPixelVAE(
+        image_shape=(3, 8, 8), latent_channels=(2, 3), latent_sizes=(4, 1), pixel_widths=(6, 8),
+        latent_width=8, blocks=1, embed_dim=2, n_pixelcnn_layers=1, pixelcnn_channels=6,
+        n_prior_layers=1, prior_channels=4,
+    ).eval()  # fmt: skip
+    callback = NoiseVariation(n_rows=2, n_variations=3, n_reconstructions=2)
+    for level in ("z2", "z1", "x"):
+        noise = callback.varied_noise(model, level)
+        for name, value in noise.items():
+            rows = value.view(2, 3, -1)
+            same_in_row = all(torch.equal(r[0], r[k]) for r in rows for k in range(3))
+            assert same_in_row == (name != level), (level, name)
+            assert not torch.equal(rows[0, 0], rows[1, 0])  # rows differ from each other
+
+    run = L.Trainer(
+        accelerator="cpu", logger=CSVLogger(tmp_path, name="run"), callbacks=[callback],
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    run.test(model, datamodule=TinyColour(n_test=4, batch_size=4))
+    samples = tmp_path / "run" / "version_0" / "samples"
+    for level in ("z2", "z1", "x"):
+        grid = np.asarray(Image.open(samples / f"noise_{level}_test.png"))
+        assert grid.shape == (2 * 9, 3 * 9, 3)  # 2 rows x 3 variations of 8x8 (+1 px pad)
+    for level in ("z1", "z2"):
+        grid = np.asarray(Image.open(samples / f"reconstructions_{level}_test.png"))
+        assert grid.shape == (2 * 9, 3 * 9, 3)  # original + 2 generations per row

@@ -6,6 +6,8 @@ import pytest
 import yaml
 from test_cli import REPO, arvae, ok
 
+from lightning_modules import HierarchicalPixelVAE
+
 PIXELVAE = REPO / "experiments" / "pixelvae"
 ROWS = {  # Table 1 row config -> (model class, options that define the row)
     "gated_pixelcnn": ("PixelCNN", {"kind": "gated"}),
@@ -51,3 +53,36 @@ def test_sweep_commands_parse_with_their_parameter(name, tmp_path):
     assert config["test_after_fit"] is True
     loggers = [lg["class_path"].rsplit(".", 1)[1] for lg in config["trainer"]["logger"]]
     assert loggers == ["CSVLogger", "WandbLogger"]
+
+
+NATURAL = {  # dataset config -> (size-specific model config, datamodule, image size)
+    "cifar10_hierarchical": ("_hierarchical_32px", "CIFAR10", 32),
+    "lsun32_hierarchical": ("_hierarchical_32px", "LSUNBedrooms", 32),
+    "lsun64_hierarchical": ("_hierarchical_64px", "LSUNBedrooms", 64),
+    "imagenet64_hierarchical": ("_hierarchical_64px", "ImageNet64", 64),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NATURAL))
+def test_natural_image_configs_parse_and_build(name, tmp_path):
+    """Appendix E.2's schedule (Adam 1e-3, batch 48, 400K steps), and the full-size model the
+    config describes really builds for its image size."""
+    sizes, datamodule, size = NATURAL[name]
+    configs = ["_natural_common", sizes, name]
+    args = [a for c in configs for a in ("-c", str(PIXELVAE / f"{c}.yaml"))]
+    config = yaml.safe_load(ok(arvae("fit", *args, "--print_config", cwd=tmp_path)).stdout)
+    assert config["data"]["class_path"] == f"datamodules.{datamodule}"
+    assert config["data"]["init_args"]["batch_size"] == 48
+    assert config["trainer"]["max_steps"] == 400_000
+    init = config["model"]["init_args"]
+    assert (init["lr"], init["optimizer"]) == (0.001, "adam")
+    init = {k: v for k, v in init.items() if k not in ("image_shape", "data_kind")}
+    model = HierarchicalPixelVAE(image_shape=(3, size, size), data_kind="8bit", **init)
+    assert model.levels == ["z1", "z2"] and model.latent_shapes["z2"][1:] == (1, 1)
+
+
+def test_cifar10_smoke_config_uses_the_shipped_sample(tmp_path):
+    smoke = str(PIXELVAE / "cifar10_smoke.yaml")
+    config = yaml.safe_load(ok(arvae("fit", "-c", smoke, "--print_config", cwd=tmp_path)).stdout)
+    assert config["data"]["init_args"]["sample"] is True
+    assert config["model"]["class_path"] == "lightning_modules.HierarchicalPixelVAE"

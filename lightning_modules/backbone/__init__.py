@@ -2,10 +2,19 @@
 
 from .autoregressive import sample_autoregressive
 from .gated_pixelcnn import GatedBlock, GatedHead, GatedPixelCNN, gate
-from .init import he_init_, zero_init_
-from .masked_conv import HorizontalConv2d, MaskedConv2d, VerticalConv2d, causal_mask, shift_down
+from .init import he_init_, shrink_init_, zero_init_
+from .masked_conv import (
+    HorizontalConv2d,
+    MaskedConv2d,
+    VerticalConv2d,
+    causal_mask,
+    shift_down,
+    weight_norm_masked_,
+)
 from .mnist_convnets import MNISTDecoder, MNISTEncoder
+from .pixel_embedding import PixelEmbedding
 from .plain_pixelcnn import PlainPixelCNN
+from .resnet import ResBlock, from_vector, n_halvings, resnet, to_vector
 
 __all__ = [
     "GatedBlock",
@@ -15,12 +24,20 @@ __all__ = [
     "MNISTDecoder",
     "MNISTEncoder",
     "MaskedConv2d",
+    "PixelEmbedding",
     "PlainPixelCNN",
+    "ResBlock",
     "VerticalConv2d",
     "causal_mask",
+    "from_vector",
     "gate",
     "he_init_",
+    "n_halvings",
+    "resnet",
+    "to_vector",
+    "weight_norm_masked_",
     "zero_init_",
     "sample_autoregressive",
     "shift_down",
+    "shrink_init_",
 ]

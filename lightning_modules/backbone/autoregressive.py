@@ -4,24 +4,43 @@ from collections.abc import Callable
 
 import torch
 
+ParamsFn = Callable[[torch.Tensor, slice], torch.Tensor]
+SampleFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+
 
 @torch.no_grad()
 def sample_autoregressive(
-    params_fn: Callable[[torch.Tensor], torch.Tensor],
-    sample_fn: Callable[[torch.Tensor], torch.Tensor],
+    params_fn: ParamsFn,
+    sample_fn: SampleFn,
     shape: tuple[int, ...],
     device: torch.device | str = "cpu",
+    noise: torch.Tensor | None = None,
+    sequential_channels: bool = True,
+    context_rows: int | None = None,
 ) -> torch.Tensor:
-    """Fill an all-zero (B, C, H, W) canvas one position, then one channel, at a time.
+    """Fill an all-zero (B, C, H, W) canvas one position at a time, in raster order.
 
-    ``params_fn(x)`` returns distribution parameters for every position given the canvas;
-    ``sample_fn(params)`` draws a full canvas from them, of which only the current position
-    is kept. Correct only if params_fn is causal, which the masks guarantee.
+    ``params_fn(x, rows)`` returns distribution parameters for the canvas rows ``rows`` given
+    those rows of the canvas (it crops any conditioning map to the same rows); correct only
+    if it is causal, which the masks guarantee. To sample row i it is given rows
+    ``i - context_rows .. i`` only (all rows above when None), which is exact when
+    ``context_rows`` covers its receptive field upwards and saves most of the compute.
+    ``sample_fn(params, noise)`` draws from the parameters of one position, with that
+    position's slice of ``noise`` (shaped like the canvas; None = fresh noise). With
+    ``sequential_channels`` the channels of a position are drawn one after another
+    (R -> G -> B); without, all at once (latent maps whose channels are independent given
+    the earlier positions).
     """
     x = torch.zeros(shape, device=device)
     _, channels, height, width = shape
+
+    groups = [[c] for c in range(channels)] if sequential_channels else [list(range(channels))]
     for i in range(height):
+        top = 0 if context_rows is None else max(0, i - context_rows)
+        rows = slice(top, i + 1)
         for j in range(width):
-            for c in range(channels):
-                x[:, c, i, j] = sample_fn(params_fn(x))[:, c, i, j].to(x.dtype)
+            position = noise[:, :, i : i + 1, j : j + 1] if noise is not None else None
+            for group in groups:
+                params = params_fn(x[:, :, rows], rows)[:, :, -1:, j : j + 1]
+                x[:, group, i, j] = sample_fn(params, position)[:, group, 0, 0].to(x.dtype)
     return x

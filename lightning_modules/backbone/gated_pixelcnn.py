@@ -130,6 +130,11 @@ class GatedPixelCNN(nn.Module):
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"a PixelCNN needs at least one masked layer, got n_layers={n_layers}")
+        if channels % n_colors:
+            raise ValueError(
+                f"channels ({channels}) must be a multiple of n_colors ({n_colors}): the gate"
+                " splits features in halves, which must keep every channel in its colour group"
+            )
         cond = dict(
             n_colors=n_colors, cond_vec_dim=cond_vec_dim, cond_map_channels=cond_map_channels
         )
@@ -141,6 +146,9 @@ class GatedPixelCNN(nn.Module):
             ]
         )
         self.head = GatedHead(channels, out_channels, **cond)
+        # rows above a position that its output can depend on: every vertical convolution
+        # reaches k // 2 rows up, and the vertical stack enters the horizontal one a row lower
+        self.receptive_rows = 1 + first_kernel // 2 + (n_layers - 1) * (kernel // 2)
 
     def forward(
         self,

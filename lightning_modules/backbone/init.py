@@ -35,3 +35,12 @@ def zero_init_(layer: nn.Module) -> nn.Module:
     if layer.bias is not None:
         nn.init.zeros_(layer.bias)
     return layer
+
+
+def shrink_init_(layer: nn.Module, factor: float = 1e-2) -> nn.Module:
+    """Scale the weights down and zero the bias: a Gaussian head then starts at about N(0, I)
+    (mean ~ 0, log-std ~ 0) but, unlike a zero layer, can still be weight-normalized."""
+    layer.weight.data.mul_(factor)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+    return layer

@@ -39,6 +39,7 @@ class PlainPixelCNN(nn.Module):
         self.conds = nn.ModuleList(
             [Conditioner(channels, cond_vec_dim, cond_map_channels) for _ in range(n_layers)]
         )
+        self.receptive_rows = first_kernel // 2 + (n_layers - 1) * (kernel // 2)
         self.head = nn.Sequential(
             OrderedDict(
                 relu1=nn.ReLU(),
