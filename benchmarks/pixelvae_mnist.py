@@ -23,20 +23,18 @@ of the same permutation), never the first n images.
 
 import argparse
 import json
-import logging
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
-import warnings
 from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
+from cpu_bench import Throughput, environment, print_environment, quiet_lightning
 from torch.utils.data import DataLoader, Subset
 
 from datamodules import BinarizedMNIST
@@ -101,57 +99,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------- environment
-def cpu_flags() -> tuple[str, set[str]]:
-    """CPU model name and flags from /proc/cpuinfo (empty where it does not exist)."""
-    name, flags = platform.processor() or "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                name = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    except OSError:
-        pass
-    return name, flags
-
-
-def environment() -> dict:
-    name, flags = cpu_flags()
-    try:
-        onednn_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        onednn_bf16 = None
-    return {
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "lightning": L.__version__,
-        "cpu": name,
-        "cores_available": len(os.sched_getaffinity(0)),
-        "torch_threads": torch.get_num_threads(),
-        "avx512f": "avx512f" in flags,
-        "avx512_bf16": "avx512_bf16" in flags,
-        "amx_bf16": "amx_bf16" in flags,
-        "onednn_bf16_supported": onednn_bf16,
-        "load_average_at_start": os.getloadavg(),
-    }
-
-
-def print_environment(env: dict) -> None:
-    native = env["avx512_bf16"] or env["amx_bf16"]
-    print(f"python {env['python']}  torch {env['torch']}  lightning {env['lightning']}")
-    print(f"CPU: {env['cpu']}, {env['cores_available']} cores available")
-    print(f"torch threads: {env['torch_threads']}, flush denormals: {env['flush_denormal']}")
-    print(
-        f"bf16 on this CPU: avx512_bf16={env['avx512_bf16']} amx_bf16={env['amx_bf16']} "
-        f"avx512f={env['avx512f']} oneDNN-bf16={env['onednn_bf16_supported']} -> "
-        + ("native bf16 instructions" if native else "no native bf16: bf16 math is emulated")
-    )
-    load = ", ".join(f"{x:.2f}" for x in env["load_average_at_start"])
-    print(f"load average at start (1/5/15 min): {load}  (other processes skew timings)")
-
-
 # ---------------------------------------------------------------------------------- data
 def data_root(path: str) -> tuple[str, tempfile.TemporaryDirectory | None]:
     """The directory BinarizedMNIST reads: the given one, the file's parent, or a temporary
@@ -221,70 +168,7 @@ def eval_seconds_per_image(args: argparse.Namespace, precision: str, x: torch.Te
     return ((t1 - t0) + (t2 - t1) * args.iwae_k / k_probe) / b
 
 
-# ----------------------------------------------------------------------------- callbacks
-class Throughput(L.Callback):
-    """Training images/s from wall time between batch ends, after `warmup` steps (so data
-    loading, logging, epoch turnovers count; one-off start-up costs do not), plus a
-    progress line every `every` seconds with the interval means of the logged train terms."""
-
-    KEYS = ("train/nelbo", "train/recon", "train/kl/z", "train/kl_weight")
-
-    def __init__(self, batch_size: int, warmup: int, every: float) -> None:
-        self.batch_size, self.warmup, self.every = batch_size, warmup, every
-        self.batches = 0
-        self.t_start = self.t_warm = self.t_last = self.t_print = None
-        self.sums: dict[str, float] = {}
-        self.count = 0
-        self.history: list[dict] = []
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.t_start = self.t_print = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        now = time.perf_counter()
-        self.batches += 1
-        if self.batches == self.warmup:
-            self.t_warm = now
-        self.t_last = now
-        metrics = trainer.callback_metrics
-        for key in self.KEYS:
-            if key in metrics:
-                self.sums[key] = self.sums.get(key, 0.0) + float(metrics[key])
-        self.count += 1
-        if now - self.t_print >= self.every:
-            self.t_print = now
-            row = {"s": round(now - self.t_start), "step": trainer.global_step}
-            row |= {k.removeprefix("train/"): v / self.count for k, v in self.sums.items()}
-            row["img/s"] = self.images_per_s
-            self.history.append(row)
-            print(
-                "  "
-                + "  ".join(
-                    f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
-                ),
-                flush=True,
-            )
-            self.sums, self.count = {}, 0
-
-    @property
-    def images_per_s(self) -> float:
-        if self.t_warm is None or self.t_last <= self.t_warm:
-            return float("nan")
-        return (self.batches - self.warmup) * self.batch_size / (self.t_last - self.t_warm)
-
-    @property
-    def train_seconds(self) -> float:
-        return (self.t_last or 0.0) - (self.t_start or 0.0)
-
-
 # ------------------------------------------------------------------------------ one run
-def quiet_lightning() -> None:
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-
-
 def run_precision(
     args: argparse.Namespace, precision: str, dm: BinarizedMNIST, test_loader: DataLoader
 ) -> dict:

@@ -54,8 +54,9 @@ def move_posteriors_off_the_prior(model: HierarchicalPixelVAE) -> None:
         dict(prior="gaussian"),
         dict(latent_channels=(2,), latent_sizes=(4,)),
         dict(n_pixelcnn_layers=0),
+        dict(latent_channels=(2, 2, 3), latent_sizes=(8, 4, 1), pixel_widths=(6,)),
     ],
-    ids=["two-level", "gaussian-prior", "one-level", "factorized-output"],
+    ids=["two-level", "gaussian-prior", "one-level", "factorized-output", "three-level"],
 )
 def test_iwae_bound_is_above_elbo_and_tightens_with_k(kwargs):
     model = tiny_model(**kwargs)

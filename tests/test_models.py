@@ -1,5 +1,7 @@
 """Properties of the models through their shared contract."""
 
+import math
+
 import pytest
 import torch
 
@@ -176,3 +178,19 @@ def test_bf16_mixed_training_on_cpu_keeps_float32_likelihoods(tmp_path):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         terms = model.elbo_terms(binary_images(2))
     assert all(v.dtype == torch.float32 for v in terms.values())
+
+
+def test_pixelcnn_on_8bit_images_is_a_256_way_model():
+    """The baseline PixelCNN on RGB 8-bit data: an exact likelihood in nats, samples with
+    integer values 0..255, and a fixed noise makes sampling deterministic."""
+    torch.manual_seed(0)
+    model = PixelCNN(image_shape=(3, 6, 6), data_kind="8bit", n_layers=2, channels=6).eval()
+    x = torch.randint(0, 256, (3, 3, 6, 6)).float()
+    with torch.no_grad():
+        log_p = model.log_likelihood_bound(x, 1)
+    # an untrained 256-way model is close to uniform: ~ln(256) nats per dimension
+    assert torch.all((log_p / -108 - math.log(256)).abs() < 1.0)
+    noise = model.sample_noise(2, torch.Generator().manual_seed(0))
+    sample = model.sample(2, noise)
+    assert torch.equal(sample, model.sample(2, noise)) and torch.equal(sample, sample.round())
+    assert sample.shape == (2, 3, 6, 6) and 0 <= sample.min() and sample.max() <= 255
