@@ -1,15 +1,23 @@
-"""Pieces shared by the CPU benchmark scripts: the machine, a throughput meter, quiet logs."""
+"""Pieces shared by the CPU benchmark scripts: the machine, a throughput meter, quiet logs,
+the static binarized-MNIST files and a fixed test subset."""
 
 import logging
 import os
 import platform
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
+from torch.utils.data import Subset
+
+from datamodules.binarized_mnist import STATIC_NPZ
+
+SUBSET_SEED = 0  # the test subset does not change with --seed: every run sees the same images
 
 
 def cpu_flags() -> tuple[str, set[str]]:
@@ -127,3 +135,28 @@ def quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+
+# ---------------------------------------------------------------------------------- data
+def data_root(path: str) -> tuple[str, tempfile.TemporaryDirectory | None]:
+    """The directory BinarizedMNIST reads: the given one, the file's parent, or a temporary
+    directory with a link named binarized_mnist.npz when the file has another name."""
+    p = Path(path).expanduser().resolve()
+    if p.is_dir():
+        if not (p / STATIC_NPZ).is_file():
+            sys.exit(f"error: no {STATIC_NPZ} in {p}")
+        return str(p), None
+    if not p.is_file():
+        sys.exit(f"error: {p} does not exist")
+    if p.name == STATIC_NPZ:
+        return str(p.parent), None
+    tmp = tempfile.TemporaryDirectory(prefix="pixelvae_bench_")
+    (Path(tmp.name) / STATIC_NPZ).symlink_to(p)
+    return tmp.name, tmp
+
+
+def test_subset(dataset, n: int) -> Subset:
+    """The first n of a fixed permutation: a class-balanced-in-expectation random subset
+    (the file is sorted by class), nested across n and identical across runs."""
+    order = np.random.default_rng(SUBSET_SEED).permutation(len(dataset))
+    return Subset(dataset, order[:n].tolist())

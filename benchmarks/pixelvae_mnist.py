@@ -25,17 +25,22 @@ import argparse
 import json
 import math
 import os
-import sys
-import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
-from cpu_bench import Throughput, environment, print_environment, quiet_lightning
-from torch.utils.data import DataLoader, Subset
+from cpu_bench import (
+    SUBSET_SEED,
+    Throughput,
+    data_root,
+    environment,
+    print_environment,
+    quiet_lightning,
+    test_subset,
+)
+from torch.utils.data import DataLoader
 
 from datamodules import BinarizedMNIST
 from datamodules.binarized_mnist import STATIC_NPZ, STATIC_SIZES
@@ -43,7 +48,6 @@ from lightning_modules import PixelVAE
 
 N_TEST_ALL = STATIC_SIZES["test"]
 N_TRAIN = STATIC_SIZES["train"]
-SUBSET_SEED = 0  # the test subset does not change with --seed: every run sees the same images
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -96,32 +100,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0 <= args.n_test <= N_TEST_ALL:
         p.error(f"--n-test must be in 0..{N_TEST_ALL}, got {args.n_test}")
     return args
-
-
-# ---------------------------------------------------------------------------- environment
-# ---------------------------------------------------------------------------------- data
-def data_root(path: str) -> tuple[str, tempfile.TemporaryDirectory | None]:
-    """The directory BinarizedMNIST reads: the given one, the file's parent, or a temporary
-    directory with a link named binarized_mnist.npz when the file has another name."""
-    p = Path(path).expanduser().resolve()
-    if p.is_dir():
-        if not (p / STATIC_NPZ).is_file():
-            sys.exit(f"error: no {STATIC_NPZ} in {p}")
-        return str(p), None
-    if not p.is_file():
-        sys.exit(f"error: {p} does not exist")
-    if p.name == STATIC_NPZ:
-        return str(p.parent), None
-    tmp = tempfile.TemporaryDirectory(prefix="pixelvae_bench_")
-    (Path(tmp.name) / STATIC_NPZ).symlink_to(p)
-    return tmp.name, tmp
-
-
-def test_subset(dataset, n: int) -> Subset:
-    """The first n of a fixed permutation: a class-balanced-in-expectation random subset
-    (the file is sorted by class), nested across n and identical across runs."""
-    order = np.random.default_rng(SUBSET_SEED).permutation(len(dataset))
-    return Subset(dataset, order[:n].tolist())
 
 
 # --------------------------------------------------------------------------------- model

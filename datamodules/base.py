@@ -4,12 +4,17 @@
 with it, so metrics do not depend on batch size, order or the number of ranks.
 """
 
+from collections.abc import Callable
+from pathlib import Path
+
 import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from .download import Source, download
 
 
 class IndexedImages(Dataset):
@@ -84,6 +89,28 @@ class ImageDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.seed = seed
+
+    download: bool = True
+    """Fetch missing files from the public mirrors (subclasses take it as an argument)."""
+
+    def _help(self) -> str:
+        """What files the dataset expects where, and where to get them (for error messages)."""
+        return ""
+
+    def fetch(
+        self, path: Path, sources: list[Source], validate: Callable[[Path], object] | None = None
+    ) -> None:
+        """Download ``path`` from its mirrors unless it exists (checksum / ``validate`` checked
+        by :func:`download`); with download off, or when every mirror fails, a clear error
+        that ends with :meth:`_help`."""
+        if path.exists():
+            return
+        if not self.download:
+            raise FileNotFoundError(f"{path.name} is missing and download is off. {self._help()}")
+        try:
+            download(sources, path, validate)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}\n{self._help()}") from e
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled, reproducible from `seed` and the epoch, incomplete last batch dropped."""

@@ -19,7 +19,6 @@ import importlib.resources
 import os
 import struct
 import tempfile
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -31,7 +30,7 @@ from einops import rearrange
 from torch.utils.data import Dataset
 
 from .base import ImageDataModule, IndexedImages
-from .download import Source, download
+from .download import Source
 
 PIXELS = 28 * 28
 
@@ -291,30 +290,18 @@ class BinarizedMNIST(ImageDataModule):
         if self.binarization == "dynamic":
             if not (root / MNIST_NPZ).exists():
                 for name in IDX.values():
-                    self._fetch_if_missing(root / name, idx_sources(name))
+                    self.fetch(root / name, idx_sources(name))
             return
         if (root / STATIC_NPZ).exists():
             return
         for split, n in STATIC_SIZES.items():
             path = root / AMAT.format(split=split)
-            self._fetch_if_missing(path, static_sources(split), partial(read_amat, n=n))
+            self.fetch(path, static_sources(split), partial(read_amat, n=n))
         splits = {
             split: read_amat(root / AMAT.format(split=split), n)
             for split, n in STATIC_SIZES.items()
         }
         save_npz(root / STATIC_NPZ, splits)
-
-    def _fetch_if_missing(
-        self, path: Path, sources: list[Source], validate: Callable[[Path], object] | None = None
-    ) -> None:
-        if path.exists():
-            return
-        if not self.download:
-            raise FileNotFoundError(f"{path.name} is missing and download is off. {self._help()}")
-        try:
-            download(sources, path, validate)
-        except RuntimeError as e:
-            raise RuntimeError(f"{e}\n{self._help()}") from e
 
     def _help(self) -> str:
         """What is expected where, and where to get it."""

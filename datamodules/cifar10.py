@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 from einops import rearrange
 
-from .download import download
 from .natural_images import (
     NaturalImageDataModule,
     RGBImages,
@@ -207,12 +206,7 @@ class CIFAR10(NaturalImageDataModule):
     def prepare_data(self) -> None:
         """Download the tarball when no source is in root (Lightning runs this once per node)."""
         if not self.sample and self._source() is None:
-            if not self.download:
-                raise FileNotFoundError(f"No CIFAR-10 files and download is off. {self._help()}")
-            try:
-                download([(URL, ("md5", MD5))], self._root / TARBALL, read_tarball)
-            except RuntimeError as e:
-                raise RuntimeError(f"{e}\n{self._help()}") from e
+            self.fetch(self._root / TARBALL, [(URL, ("md5", MD5))], read_tarball)
 
     def setup(self, stage: str) -> None:
         if self.sample:
