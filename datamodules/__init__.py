@@ -2,8 +2,18 @@
 
 from .base import ImageDataModule
 from .binarized_mnist import BinarizedMNIST
+from .caltech_silhouettes import CaltechSilhouettes
 from .cifar10 import CIFAR10
 from .imagenet64 import ImageNet64
 from .lsun import LSUNBedrooms
+from .omniglot import OMNIGLOT
 
-__all__ = ["CIFAR10", "BinarizedMNIST", "ImageDataModule", "ImageNet64", "LSUNBedrooms"]
+__all__ = [
+    "CIFAR10",
+    "OMNIGLOT",
+    "BinarizedMNIST",
+    "CaltechSilhouettes",
+    "ImageDataModule",
+    "ImageNet64",
+    "LSUNBedrooms",
+]
