@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from arvae import report
-from callbacks import KLBreakdown, NoiseVariation, SampleGrid, TestReport
+from callbacks import KLBreakdown, LossyCode, NoiseVariation, SampleGrid, TestReport
 from datamodules import ImageDataModule
 from lightning_modules import ImageModel
 
@@ -49,6 +49,7 @@ class ArvaeCLI(LightningCLI):
         parser.add_lightning_class_args(SampleGrid, "samples")
         parser.add_lightning_class_args(KLBreakdown, "kl_breakdown")
         parser.add_lightning_class_args(NoiseVariation, "noise_variation")
+        parser.add_lightning_class_args(LossyCode, "lossy_code")
         parser.add_lightning_class_args(TestReport, "test_report")
 
     def after_fit(self) -> None:

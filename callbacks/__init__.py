@@ -1,8 +1,17 @@
 """Lightning callbacks shared by every model (they use only the model contract)."""
 
 from .kl_breakdown import KLBreakdown
+from .lossy_code import LossyCode
 from .noise_variation import NoiseVariation
+from .polyak import PolyakAveraging
 from .sample_grid import SampleGrid
 from .test_report import TestReport
 
-__all__ = ["KLBreakdown", "NoiseVariation", "SampleGrid", "TestReport"]
+__all__ = [
+    "KLBreakdown",
+    "LossyCode",
+    "NoiseVariation",
+    "PolyakAveraging",
+    "SampleGrid",
+    "TestReport",
+]

@@ -4,5 +4,6 @@ from .base import ImageModel
 from .hierarchical_pixelvae import HierarchicalPixelVAE
 from .pixelcnn import PixelCNN
 from .pixelvae import PixelVAE
+from .vlae import VLAE
 
-__all__ = ["HierarchicalPixelVAE", "ImageModel", "PixelCNN", "PixelVAE"]
+__all__ = ["HierarchicalPixelVAE", "ImageModel", "PixelCNN", "PixelVAE", "VLAE"]

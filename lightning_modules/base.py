@@ -35,8 +35,12 @@ class ImageModel(L.LightningModule):
         kl_warmup_steps: linear annealing of the KL weight from 0 to 1 over this many
             optimizer steps (0 = off). Only the training loss is annealed; logged metrics
             are always the true bound.
-        free_bits: minimum KL per latent dimension in nats, applied per latent level to
-            the batch-averaged KL (Kingma et al. 2016); 0 = off.
+        free_bits: minimum KL in nats per ``free_bits_unit``, applied per latent level to
+            the batch-averaged KL (Kingma et al. 2016): the level's KL is clamped from below
+            at free_bits x (its latent dimensions, or the image's C*H*W); 0 = off. Below
+            the threshold the KL then gets no gradient.
+        free_bits_unit: "latent_dim" (PixelVAE, IAF) or "data_dim" (VLAE's "0.01
+            nats/data-dim").
         iwae_k: importance samples for ``test/nll_iwae`` (papers use 5000 / 4096).
         iwae_batch: most decoder evaluations in one forward pass of the IWAE estimate,
             which bounds its memory whatever ``iwae_k`` is.
@@ -53,6 +57,7 @@ class ImageModel(L.LightningModule):
         optimizer: Literal["adam", "adamax"] = "adam",
         kl_warmup_steps: int = 0,
         free_bits: float = 0.0,
+        free_bits_unit: Literal["latent_dim", "data_dim"] = "latent_dim",
         iwae_k: int = 100,
         iwae_batch: int = 1000,
         eval_seed: int = 0,
@@ -67,6 +72,7 @@ class ImageModel(L.LightningModule):
         self.optimizer_name = optimizer
         self.kl_warmup_steps = kl_warmup_steps
         self.free_bits = free_bits
+        self.free_bits_unit = free_bits_unit
         self.iwae_k = iwae_k
         self.iwae_batch = iwae_batch
         self.eval_seed = eval_seed
@@ -153,7 +159,8 @@ class ImageModel(L.LightningModule):
         for level, dims in self.latent_dims.items():
             kl = terms[f"kl/{level}"].mean()
             if self.free_bits > 0:
-                kl = torch.clamp(kl, min=self.free_bits * dims)
+                unit = dims if self.free_bits_unit == "latent_dim" else self.dims
+                kl = torch.clamp(kl, min=self.free_bits * unit)
             loss = loss + self.kl_weight * kl
         return loss
 

@@ -37,6 +37,8 @@ QUIET = [
     "--noise_variation.n_rows", "1",
     "--noise_variation.n_variations", "2",
     "--noise_variation.n_reconstructions", "1",
+    "--lossy_code.n_originals", "2",
+    "--lossy_code.n_decompressions", "2",
 ]  # fmt: skip
 SAMPLE_DATA = [
     "--data.class_path", "datamodules.BinarizedMNIST",
@@ -391,3 +393,31 @@ def test_data_that_disagrees_with_its_declared_shape_fails_clearly(tmp_path):
     assert result.returncode != 0
     assert "ValueError: PixelVAE expects images shaped (B, 2, 28, 28)" in result.stderr
     assert "got (16, 1, 28, 28)" in result.stderr
+
+
+def test_vlae_fit_and_test_with_the_paper_config(tmp_path):
+    """VLAE through the paper's config (Polyak averaging, free bits per data dim, Adamax),
+    shrunk to a tiny model and tiny data: metrics, samples and the lossy-code figure."""
+    common = str(REPO / "experiments" / "vlae" / "_common.yaml")
+    ok(
+        arvae(
+            "fit", "-c", common, *QUIET, *TINY_DATA,
+            "--model.init_args.width", "8",
+            "--model.init_args.blocks", "1",
+            "--model.init_args.flow_hidden", "80",
+            "--model.init_args.iwae_k", "4",
+            "--trainer.max_steps", "6",
+            "--trainer.check_val_every_n_epoch", "1",
+            "--trainer.limit_val_batches", "1",
+            "--trainer.logger.init_args.name", "vlae",
+            "--samples.every_n_epochs", "0",
+            "--lossy_code.every_n_epochs", "0",
+            cwd=tmp_path,
+        )
+    )  # fmt: skip
+    run = tmp_path / "runs" / "vlae" / "version_0"
+    report = read_report(run)
+    assert report["n_test_examples"] == 37
+    check_test_metrics(report["metrics"])
+    samples = {p.name for p in (run / "samples").iterdir()}
+    assert {"samples_test.png", "decompressions_test.png"} <= samples

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from test_cli import REPO, arvae, ok
 
-from lightning_modules import HierarchicalPixelVAE
+from lightning_modules import VLAE, HierarchicalPixelVAE
 
 PIXELVAE = REPO / "experiments" / "pixelvae"
 ROWS = {  # Table 1 row config -> (model class, options that define the row)
@@ -86,3 +86,55 @@ def test_cifar10_smoke_config_uses_the_shipped_sample(tmp_path):
     config = yaml.safe_load(ok(arvae("fit", "-c", smoke, "--print_config", cwd=tmp_path)).stdout)
     assert config["data"]["init_args"]["sample"] is True
     assert config["model"]["class_path"] == "lightning_modules.HierarchicalPixelVAE"
+
+
+VLAE_DIR = REPO / "experiments" / "vlae"
+VLAE_DATASETS = {  # dataset config -> (datamodule, tied PixelCNN weights)
+    "mnist_static": ("BinarizedMNIST", True),
+    "mnist_dynamic": ("BinarizedMNIST", True),
+    "omniglot": ("OMNIGLOT", False),
+    "caltech": ("CaltechSilhouettes", False),
+}
+VLAE_ABLATIONS = {  # ablation overlay -> the switches it sets
+    "af_vae": {"prior": "af", "posterior": "gaussian", "decoder": "factorized"},
+    "iaf_vae": {"prior": "gaussian", "posterior": "iaf", "decoder": "factorized"},
+    "iaf_posterior": {"prior": "gaussian", "posterior": "iaf", "decoder": "pixelcnn"},
+    "unconditional_decoder": {"decoder": "unconditional"},
+    "gaussian_prior": {"prior": "gaussian", "posterior": "gaussian"},
+}
+
+
+def vlae_config(tmp_path: Path, *names: str) -> dict:
+    args = [a for n in ("_common", *names) for a in ("-c", str(VLAE_DIR / f"{n}.yaml"))]
+    return yaml.safe_load(ok(arvae("fit", *args, "--print_config", cwd=tmp_path)).stdout)
+
+
+@pytest.mark.parametrize("name", sorted(VLAE_DATASETS))
+def test_vlae_configs_hold_appendix_a_and_build(name, tmp_path):
+    """One hyper-parameter set for every dataset (appendix A), and the full-size model."""
+    datamodule, tied = VLAE_DATASETS[name]
+    config = vlae_config(tmp_path, name)
+    assert config["data"]["class_path"] == f"datamodules.{datamodule}"
+    (polyak,) = config["trainer"]["callbacks"]
+    assert polyak["class_path"] == "callbacks.PolyakAveraging"
+    assert polyak["init_args"]["decay"] == 0.998
+    init = config["model"]["init_args"]
+    paper = dict(latent_dim=64, prior="af", decoder="pixelcnn", optimizer="adamax", lr=0.002)
+    paper |= dict(free_bits=0.01, free_bits_unit="data_dim", iwae_k=4096, flow_hidden=640)
+    paper |= dict(flow_steps=4, flow_mean_only=True, n_masked=6, pixelcnn_channels=12)
+    assert paper.items() <= init.items() and init["tie_weights"] is tied
+    model = VLAE(**{k: v for k, v in init.items() if k not in ("image_shape", "data_kind")})
+    assert model.pixelcnn.receptive_rows == 6
+    assert len(model.prior_flow.mades) == 4
+
+
+@pytest.mark.parametrize("ablation", sorted(VLAE_ABLATIONS))
+def test_vlae_ablation_overlays_set_their_switches(ablation, tmp_path):
+    config = vlae_config(tmp_path, "mnist_static", f"ablations/{ablation}")
+    assert VLAE_ABLATIONS[ablation].items() <= config["model"]["init_args"].items()
+
+
+def test_vlae_smoke_config_uses_the_shipped_sample(tmp_path):
+    config = vlae_config(tmp_path, "mnist_smoke")
+    assert config["data"]["init_args"]["sample"] is True
+    assert config["trainer"]["max_epochs"] == 3

@@ -1,22 +1,32 @@
 """Plain-PyTorch building blocks shared by every model (no Lightning, nothing model-specific)."""
 
 from .autoregressive import sample_autoregressive
+from .flows import AutoregressiveFlowPrior, IAFPosterior
 from .gated_pixelcnn import GatedBlock, GatedHead, GatedPixelCNN, gate
 from .init import he_init_, shrink_init_, zero_init_
+from .local_pixelcnn import LocalPixelCNN
+from .made import MADE, MaskedLinear
 from .masked_conv import (
     HorizontalConv2d,
     MaskedConv2d,
     VerticalConv2d,
     causal_mask,
     shift_down,
-    weight_norm_masked_,
 )
 from .mnist_convnets import MNISTDecoder, MNISTEncoder
 from .pixel_embedding import PixelEmbedding
 from .plain_pixelcnn import PlainPixelCNN
 from .resnet import ResBlock, from_vector, n_halvings, resnet, to_vector
+from .weight_norm import data_dependent_init_, weight_norm_, weight_norm_masked_
 
 __all__ = [
+    "AutoregressiveFlowPrior",
+    "IAFPosterior",
+    "LocalPixelCNN",
+    "data_dependent_init_",
+    "weight_norm_",
+    "MADE",
+    "MaskedLinear",
     "GatedBlock",
     "GatedHead",
     "GatedPixelCNN",

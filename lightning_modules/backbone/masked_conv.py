@@ -112,15 +112,3 @@ class VerticalConv2d(nn.Conv2d):
 def shift_down(x: torch.Tensor) -> torch.Tensor:
     """Move every row one down (zeros enter at the top): row i then holds row i - 1."""
     return F.pad(x, (0, 0, 1, 0))[:, :, :-1, :]
-
-
-def weight_norm_masked_(module: nn.Module) -> nn.Module:
-    """Weight-normalize every masked convolution in ``module`` in place (PixelVAE E.2 uses
-    weight norm in masked layers): weight = g * v / ||v|| per output channel, and the mask
-    is applied after, so masked taps stay zero. Call after initialization (g starts at ||v||,
-    leaving the initial weights unchanged)."""
-    masked = (MaskedConv2d, HorizontalConv2d, VerticalConv2d)
-    for m in module.modules():
-        if isinstance(m, masked) and not nn.utils.parametrize.is_parametrized(m, "weight"):
-            nn.utils.parametrizations.weight_norm(m)
-    return module

@@ -3,7 +3,9 @@
 Each block is BN -> ELU -> 3x3 conv -> BN -> ELU -> 3x3 conv plus a shortcut. Downsampling
 blocks use stride 2 in the second convolution; upsampling blocks use a subpixel convolution
 (conv to 4x the channels, then pixel shuffle) in the first. Batch norm is used here, in the
-ordinary layers; the masked layers of the PixelCNNs use weight norm instead (E.2).
+ordinary layers; the masked layers of the PixelCNNs use weight norm instead (E.2). VLAE's
+ResNet VAE uses the same blocks without batch norm (``batch_norm=False``), weight-normalized
+everywhere instead (see ``weight_norm.py``).
 """
 
 import math
@@ -29,7 +31,13 @@ class SubpixelConv2d(nn.Sequential):
 class ResBlock(nn.Module):
     """Pre-activation residual block with two 3x3 convolutions and optional 2x resampling."""
 
-    def __init__(self, in_channels: int, out_channels: int, resample: Resample = None) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        resample: Resample = None,
+        batch_norm: bool = True,
+    ) -> None:
         super().__init__()
         mid = in_channels if resample == "down" else out_channels
         if resample == "up":
@@ -40,11 +48,12 @@ class ResBlock(nn.Module):
             stride = 2 if resample == "down" else 1
             same = in_channels == out_channels and resample is None
             shortcut = nn.Identity() if same else nn.Conv2d(in_channels, out_channels, 1, stride)
+        norm = nn.BatchNorm2d if batch_norm else lambda _: nn.Identity()
         self.residual = nn.Sequential(
-            nn.BatchNorm2d(in_channels),
+            norm(in_channels),
             nn.ELU(),
             conv1,
-            nn.BatchNorm2d(mid),
+            norm(mid),
             nn.ELU(),
             nn.Conv2d(mid, out_channels, 3, stride=2 if resample == "down" else 1, padding=1),
         )
@@ -54,7 +63,9 @@ class ResBlock(nn.Module):
         return self.shortcut(x) + self.residual(x)
 
 
-def resnet(widths: list[int], in_channels: int, resample: Resample, blocks: int) -> nn.Sequential:
+def resnet(
+    widths: list[int], in_channels: int, resample: Resample, blocks: int, batch_norm: bool = True
+) -> nn.Sequential:
     """Stages of residual blocks: the first stage keeps the resolution, every later stage
     starts with a block that resamples by 2 (``resample``), then ``blocks`` plain blocks.
 
@@ -64,8 +75,8 @@ def resnet(widths: list[int], in_channels: int, resample: Resample, blocks: int)
     channels = in_channels
     for stage, width in enumerate(widths):
         if stage > 0 or channels != width:
-            layers.append(ResBlock(channels, width, resample if stage > 0 else None))
-        layers += [ResBlock(width, width) for _ in range(blocks)]
+            layers.append(ResBlock(channels, width, resample if stage > 0 else None, batch_norm))
+        layers += [ResBlock(width, width, batch_norm=batch_norm) for _ in range(blocks)]
         channels = width
     return nn.Sequential(*layers)
 

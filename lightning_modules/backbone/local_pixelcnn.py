@@ -1,0 +1,87 @@
+"""The small-receptive-field PixelCNN of VLAE (Chen et al. 2017, appendix A).
+
+6 masked 3x3 convolutions of 12 filters in residual blocks, with 1x1 residual blocks
+between them for capacity; the masked layers after the first may share one weight
+("tied", as the paper does on static MNIST). Each pixel then depends on a small window of
+the pixels before it (6 rows up), so the latent code has to carry the global structure.
+
+The decoder's feature map is concatenated with the image (appendix A); a masked
+convolution over the concatenation whose mask is lifted for the feature-map channels (they
+are functions of z, not of the pixels) is the sum of a mask-A conv of the image and a conv
+of the map. The map enters through a 1x1 conv, which keeps windowed sampling exact.
+"""
+
+import torch
+from torch import nn
+
+from .masked_conv import MaskedConv2d
+
+
+class Residual1x1(nn.Module):
+    """x + 1x1 conv(ELU(1x1 conv(ELU(x)))): per-pixel capacity without widening the window."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.ELU(), nn.Conv2d(channels, channels, 1), nn.ELU(), nn.Conv2d(channels, channels, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class LocalPixelCNN(nn.Module):
+    """One-channel (binary-image) PixelCNN with a window of ``n_masked * (kernel // 2)`` rows.
+
+    Args:
+        out_channels: likelihood parameters per pixel.
+        cond_channels: channels of the conditioning map (VLAE: 4; 0 = unconditional).
+        channels: filters of every layer (VLAE: 12).
+        n_masked: masked k x k layers, the first mask A (VLAE: 6).
+        n_1x1_blocks: 1x1 residual blocks, placed after masked layers 2, 3, ... (VLAE: 4;
+            the paper's "between every other masked layer" does not pin their places).
+        kernel: size of the masked filters (VLAE: 3).
+        tie_weights: masked layers 2..n_masked share one weight (VLAE on static MNIST).
+    """
+
+    def __init__(
+        self,
+        out_channels: int = 1,
+        cond_channels: int = 4,
+        channels: int = 12,
+        n_masked: int = 6,
+        n_1x1_blocks: int = 4,
+        kernel: int = 3,
+        tie_weights: bool = True,
+    ) -> None:
+        super().__init__()
+        if n_masked < 1 or not 0 <= n_1x1_blocks <= max(n_masked - 1, 0):
+            raise ValueError(
+                f"need n_masked >= 1 and 0 <= n_1x1_blocks <= n_masked - 1, got {n_masked},"
+                f" {n_1x1_blocks}"
+            )
+        self.first = MaskedConv2d(1, channels, kernel, "A")
+        self.cond = nn.Conv2d(cond_channels, channels, 1) if cond_channels else None
+        n_b = n_masked - 1
+        if tie_weights and n_b > 0:
+            shared = MaskedConv2d(channels, channels, kernel, "B")
+            self.masked = nn.ModuleList([shared] * n_b)
+        else:
+            self.masked = nn.ModuleList(
+                [MaskedConv2d(channels, channels, kernel, "B") for _ in range(n_b)]
+            )
+        self.blocks_1x1 = nn.ModuleList([Residual1x1(channels) for _ in range(n_1x1_blocks)])
+        self.head = nn.Sequential(nn.ELU(), nn.Conv2d(channels, out_channels, 1))
+        self.receptive_rows = n_masked * (kernel // 2)
+
+    def forward(self, x: torch.Tensor, cond_map: torch.Tensor | None = None) -> torch.Tensor:
+        if (cond_map is None) != (self.cond is None):
+            raise ValueError("pass cond_map exactly when the PixelCNN has cond_channels > 0")
+        h = self.first(x)
+        if self.cond is not None:
+            h = h + self.cond(cond_map)
+        for i, conv in enumerate(self.masked):
+            h = h + conv(nn.functional.elu(h))
+            if i < len(self.blocks_1x1):
+                h = self.blocks_1x1[i](h)
+        return self.head(h)
