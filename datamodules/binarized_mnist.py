@@ -237,6 +237,9 @@ class BinarizedMNIST(ImageDataModule):
         download: fetch missing files from the public mirrors.
         sample: use the small sample shipped with the package instead of `root` (static
             only): for a quick try and the tests, not for reportable numbers.
+        train_on_valid: train on train + valid (60,000 digits), the final-run protocol of
+            papers that tune on valid first (VLAE appendix A). Validation still reports the
+            valid split, which is then training data: select the last checkpoint.
     """
 
     data_shape = (1, 28, 28)
@@ -252,6 +255,7 @@ class BinarizedMNIST(ImageDataModule):
         binarization: Literal["static", "dynamic"] = "static",
         download: bool = True,
         sample: bool = False,
+        train_on_valid: bool = False,
     ) -> None:
         super().__init__(root, batch_size, eval_batch_size, num_workers, seed)
         self.save_hyperparameters()  # recorded with every checkpoint and test report
@@ -264,6 +268,7 @@ class BinarizedMNIST(ImageDataModule):
         self.binarization = binarization
         self.download = download
         self.sample = sample
+        self.train_on_valid = train_on_valid
 
     def prepare_data(self) -> None:
         """Download and cache what is missing (Lightning runs this once per node)."""
@@ -278,6 +283,9 @@ class BinarizedMNIST(ImageDataModule):
         self.train_set, self.val_set, self.test_set = (
             IndexedImages(channel_first(splits[split])) for split in STATIC_SIZES
         )
+        if self.train_on_valid:
+            both = np.concatenate([splits["train"], splits["valid"]])
+            self.train_set = IndexedImages(channel_first(both))
 
     @property
     def _root(self) -> Path:
@@ -341,6 +349,8 @@ class BinarizedMNIST(ImageDataModule):
                 for split, n in MNIST_SIZES.items()
             }
         train, valid = grey["train"][:-MNIST_VALID], grey["train"][-MNIST_VALID:]
-        self.train_set = DynamicBinarized(train, self.seed)
+        self.train_set = DynamicBinarized(
+            grey["train"] if self.train_on_valid else train, self.seed
+        )
         self.val_set = IndexedImages(channel_first(binarize_fixed(valid, stream=1)))
         self.test_set = IndexedImages(channel_first(binarize_fixed(grey["test"], stream=2)))

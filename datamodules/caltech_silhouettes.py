@@ -104,6 +104,8 @@ class CaltechSilhouettes(ImageDataModule):
         eval_batch_size: validation/test batch size per device; defaults to `batch_size`.
         num_workers: DataLoader worker processes.
         seed: seed of the training order.
+        train_on_valid: train on train + valid (6,364 images), the final-run protocol of
+            VLAE appendix A; validation then reports training data (use the last checkpoint).
     """
 
     data_shape = (1, 28, 28)
@@ -117,10 +119,12 @@ class CaltechSilhouettes(ImageDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
+        train_on_valid: bool = False,
     ) -> None:
         super().__init__(root, batch_size, eval_batch_size, num_workers, seed)
         self.save_hyperparameters()  # recorded with every checkpoint and test report
         self.download = download
+        self.train_on_valid = train_on_valid
 
     @property
     def _root(self) -> Path:
@@ -139,6 +143,9 @@ class CaltechSilhouettes(ImageDataModule):
         self.train_set, self.val_set, self.test_set = (
             IndexedImages(channel_first(splits[split])) for split in SIZES
         )
+        if self.train_on_valid:
+            both = np.concatenate([splits["train"], splits["valid"]])
+            self.train_set = IndexedImages(channel_first(both))
 
     def _help(self) -> str:
         """What is expected where, and where to get it."""

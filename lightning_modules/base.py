@@ -6,7 +6,8 @@ callbacks, the CLI and the tests use only that contract.
 
 Units: every term is in nats per example (per image). Metrics (DESIGN.md "Evaluation
 protocol"): ``{stage}/nelbo`` (the negative ELBO), ``{stage}/recon`` (-log p(x|z)),
-``{stage}/kl/<level>`` and, at test time, ``test/nll_iwae`` (the importance-weighted bound
+``{stage}/kl/<level>`` and, at test time, ``test/kl_bits/<level>`` (the same KL in bits per
+image: the code length of z) and ``test/nll_iwae`` (the importance-weighted bound
 with ``iwae_k`` samples; the exact NLL for models without latents). On 8-bit data the same
 bounds are also reported in bits per dimension: ``{stage}/bpd`` and ``test/bpd_iwae``.
 """
@@ -220,6 +221,8 @@ class ImageModel(L.LightningModule):
             self._update(stage, "nelbo", nelbo)
             for name, value in terms.items():
                 self._update(stage, name, value)
+                if stage == "test" and name.startswith("kl/"):  # the code length (VLAE §4.1)
+                    self._update(stage, name.replace("kl/", "kl_bits/", 1), value / math.log(2))
             if self.data_kind == "8bit":
                 self._update(stage, "bpd", bits_per_dim(nelbo, self.dims))
             if stage == "test":

@@ -418,6 +418,8 @@ def test_vlae_fit_and_test_with_the_paper_config(tmp_path):
     run = tmp_path / "runs" / "vlae" / "version_0"
     report = read_report(run)
     assert report["n_test_examples"] == 37
-    check_test_metrics(report["metrics"])
+    m = report["metrics"]
+    check_test_metrics(m)
+    assert m["test/kl_bits/z"] == pytest.approx(m["test/kl/z"] / math.log(2), rel=1e-5)
     samples = {p.name for p in (run / "samples").iterdir()}
     assert {"samples_test.png", "decompressions_test.png"} <= samples

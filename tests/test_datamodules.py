@@ -334,3 +334,16 @@ def test_train_order_is_seeded() -> None:
 
     assert order(0, 0) == order(0, 0) and len(order(0, 0)) == 6  # 7 // 2 batches of 2
     assert order(0, 0) != order(0, 1) and order(0, 0) != order(1, 0)
+
+
+def test_train_on_valid_trains_on_both_static_and_dynamic(tmp_path, grey) -> None:
+    """The final-run protocol of VLAE: train + valid for training, the eval splits unchanged."""
+    sample = BinarizedMNIST(sample=True, train_on_valid=True)
+    sample.setup("fit")
+    both = np.concatenate([images_of(sample.train_set)[:4000][-1:], images_of(sample.val_set)])
+    assert len(sample.train_set) == 5000 and len(sample.val_set) == 1000
+    np.testing.assert_array_equal(images_of(sample.train_set)[-1001:], both)
+    dm = dynamic(tmp_path, train_on_valid=True)
+    assert [len(d) for d in (dm.train_set, dm.val_set, dm.test_set)] == [12, 4, 5]
+    ones = train_epoch(dm, 0)[0, 0]
+    assert (ones[0] == 0).all() and (ones[1] == 1).all()  # the same images, in file order

@@ -341,3 +341,13 @@ def test_caltech_real_npz() -> None:
         assert 0.3 < images.mean() < 0.5  # the object: 45-46% of the pixels
         assert images[:, :, 0].mean() < 0.1  # the top row: background (0)
     check_loader(dm.train_dataloader(), 64)
+
+
+def test_caltech_train_on_valid_trains_on_both_and_keeps_the_eval_splits(tmp_path, caltech):
+    """VLAE's final-run protocol: tune on valid, then train on train + valid."""
+    np.savez(tmp_path / cs.NPZ, **caltech)
+    dm = caltech_dm(tmp_path, train_on_valid=True)
+    train = np.concatenate([caltech["train"], caltech["valid"]])
+    np.testing.assert_array_equal(images_of(dm.train_set), train)
+    np.testing.assert_array_equal(images_of(dm.val_set), caltech["valid"])
+    np.testing.assert_array_equal(images_of(dm.test_set), caltech["test"])
