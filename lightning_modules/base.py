@@ -14,6 +14,7 @@ bounds are also reported in bits per dimension: ``{stage}/bpd`` and ``test/bpd_i
 
 import math
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Literal
 
 import lightning as L
@@ -48,6 +49,10 @@ class ImageModel(L.LightningModule):
         eval_seed: seed of the per-example evaluation noise: every test/val example gets
             its own generator seeded by (eval_seed, example index), so metrics do not depend
             on the batch size, the order or the number of DDP ranks.
+        max_bad_steps: a step whose loss or gradient is not finite is skipped (no update;
+            counted in ``train/skipped_steps``); this many in a row stop the run with a clear
+            error after saving ``nonfinite-stop.ckpt`` (the last good weights) beside the
+            other checkpoints.
     """
 
     def __init__(
@@ -62,6 +67,7 @@ class ImageModel(L.LightningModule):
         iwae_k: int = 100,
         iwae_batch: int = 1000,
         eval_seed: int = 0,
+        max_bad_steps: int = 10,
     ) -> None:
         super().__init__()
         if iwae_k < 1 or iwae_batch < 1:
@@ -77,6 +83,12 @@ class ImageModel(L.LightningModule):
         self.iwae_k = iwae_k
         self.iwae_batch = iwae_batch
         self.eval_seed = eval_seed
+        if max_bad_steps < 1:
+            raise ValueError(f"max_bad_steps must be >= 1, got {max_bad_steps}")
+        self.max_bad_steps = max_bad_steps
+        self.bad_steps = 0  # consecutive skipped steps
+        self.skipped_steps = 0
+        self._bad_terms: dict[str, float] = {}
         self.latent_dims: dict[str, int] = {}  # level name -> number of latent dimensions
         self.metrics = nn.ModuleDict()
         self._generators: list[torch.Generator] | None = None
@@ -180,12 +192,9 @@ class ImageModel(L.LightningModule):
         self.check_input(x)
         terms = self.elbo_terms(x)
         loss = self.loss(terms)
-        if not torch.isfinite(loss):
-            finite = {k: float(v.float().mean()) for k, v in terms.items()}
-            raise FloatingPointError(
-                f"non-finite training loss at step {self.global_step} (term means: {finite}). "
-                "Lower model.init_args.lr, turn on kl_warmup_steps, or train with precision 32."
-            )
+        if not torch.isfinite(loss):  # its gradient is not finite either: the step is skipped
+            self._bad_terms = {k: float(v.float().mean()) for k, v in terms.items()}
+            return loss
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/nelbo", self.nelbo(terms).mean())
         if self.data_kind == "8bit":
@@ -195,6 +204,46 @@ class ImageModel(L.LightningModule):
         if self.latent_dims:
             self.log("train/kl_weight", self.kl_weight)
         return loss
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """Run forward and backward, then update only if every gradient is finite.
+
+        Under DDP the gradients are all-reduced before this check, so a non-finite value on
+        any rank is seen by all of them and every rank skips the same step. The global
+        gradient norm is logged as ``train/grad_norm``. A skipped batch still counts in
+        ``global_step`` (as AMP's skipped steps do), so max_steps and schedules stay tied to
+        the batches seen.
+        """
+        optimizer_closure()
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        norms = [torch.linalg.vector_norm(g.float()) for g in grads]
+        norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+        if torch.isfinite(norm):
+            self.bad_steps, self._bad_terms = 0, {}
+            self.log("train/grad_norm", norm)
+            optimizer.step()  # the closure already ran; clipping, if configured, applies here
+            return
+        self.bad_steps += 1
+        self.skipped_steps += 1
+        self.log("train/skipped_steps", float(self.skipped_steps))
+        optimizer.zero_grad()
+        if self.bad_steps >= self.max_bad_steps:
+            self._stop_on_nonfinite()
+
+    def _stop_on_nonfinite(self) -> None:
+        trainer = self.trainer
+        ckpt = trainer.checkpoint_callback
+        folder = Path(ckpt.dirpath if ckpt and ckpt.dirpath else trainer.default_root_dir)
+        path = folder / "nonfinite-stop.ckpt"
+        trainer.save_checkpoint(path)  # every rank calls it (a collective); rank 0 writes
+        terms = self._bad_terms or "finite loss, non-finite gradient"
+        raise FloatingPointError(
+            f"{self.bad_steps} training steps in a row had a non-finite loss or gradient (last"
+            f" at step {self.global_step}, batch terms: {terms}); the run stops. The last good"
+            f" weights are in {path}. Lower model.init_args.lr, turn on kl_warmup_steps or"
+            " gradient clipping (trainer.gradient_clip_val), or train with precision 32-true;"
+            " resume with --ckpt_path."
+        )
 
     def _update(self, stage: str, name: str, values: torch.Tensor) -> None:
         key = f"{stage}/{name}"

@@ -1,0 +1,77 @@
+"""The stability guard: a non-finite loss or gradient skips the step (counted, logged);
+too many in a row stop the run with a clear error and a checkpoint of the last good weights."""
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from tiny_data import TinyBinary
+
+from lightning_modules import PixelCNN
+
+
+class Flaky(PixelCNN):
+    """A tiny PixelCNN whose loss is NaN on the training batches listed in ``bad``."""
+
+    def __init__(self, bad: tuple[int, ...] = (), **kwargs) -> None:
+        super().__init__(n_layers=1, channels=4, lr=0.01, **kwargs)
+        self.bad = set(bad)
+        self.seen: list[dict[str, torch.Tensor]] = []
+
+    def elbo_terms(self, x):
+        terms = super().elbo_terms(x)
+        if self.training and self.trainer.fit_loop.total_batch_idx in self.bad:
+            terms["recon"] = terms["recon"] * math.nan
+        return terms
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.seen.append({k: v.clone() for k, v in self.state_dict().items()})
+
+
+def trainer(tmp_path, steps: int) -> L.Trainer:
+    return L.Trainer(
+        max_steps=steps,
+        logger=L.pytorch.loggers.CSVLogger(tmp_path),
+        log_every_n_steps=1,
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+
+
+def test_a_nonfinite_step_is_skipped_counted_and_training_goes_on(tmp_path):
+    L.seed_everything(0)
+    model = Flaky(bad=(2, 3))
+    t = trainer(tmp_path, steps=6)
+    t.fit(model, datamodule=TinyBinary(n_train=96, batch_size=16))
+    # batches 2 and 3 changed nothing; the updates came from batches 0, 1, 4 and 5
+    for before, after in ((2, 3), (3, 4)):
+        assert all(torch.equal(model.seen[before][k], v) for k, v in model.seen[after].items())
+    key = "net.head.out.weight"
+    assert not torch.equal(model.seen[1][key], model.seen[2][key])
+    # a skipped batch still counts as a step (as AMP's skipped steps do): max_steps and
+    # schedules stay tied to batches seen
+    assert t.global_step == 6 and model.skipped_steps == 2 and model.bad_steps == 0
+    assert not torch.equal(model.seen[4][key], model.seen[5][key])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    logged = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
+    assert "train/grad_norm" in logged and "train/skipped_steps" in logged
+
+
+def test_too_many_nonfinite_steps_in_a_row_stop_with_a_checkpoint(tmp_path):
+    L.seed_everything(0)
+    model = Flaky(bad=(1, 2, 3), max_bad_steps=3)
+    with pytest.raises(FloatingPointError, match="3 training steps in a row") as error:
+        trainer(tmp_path, steps=10).fit(model, datamodule=TinyBinary(n_train=96, batch_size=16))
+    assert "nonfinite-stop.ckpt" in str(error.value) and "lr" in str(error.value)
+    (path,) = tmp_path.rglob("nonfinite-stop.ckpt")
+    state = torch.load(path, weights_only=False)["state_dict"]
+    for k, v in model.seen[1].items():  # the weights after the last good step (batch 0)
+        assert torch.equal(state[k], v), k
+
+
+def test_max_bad_steps_is_checked():
+    with pytest.raises(ValueError, match="max_bad_steps"):
+        PixelCNN(max_bad_steps=0)
