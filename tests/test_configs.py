@@ -42,7 +42,7 @@ def sweep_command(path: Path) -> tuple[list[str], str, object]:
     return args, param, value
 
 
-@pytest.mark.parametrize("name", ["pixelvae_layers", "pixelcnn_layers"])
+@pytest.mark.parametrize("name", ["pixelvae_layers", "pixelcnn_layers", "vlae_receptive_field"])
 def test_sweep_commands_parse_with_their_parameter(name, tmp_path):
     args, param, value = sweep_command(REPO / "experiments" / "sweeps" / f"{name}.yaml")
     # the sweep's relative config paths are relative to the repository root
