@@ -8,6 +8,7 @@ import sys
 import tempfile
 import time
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
@@ -160,3 +161,35 @@ def test_subset(dataset, n: int) -> Subset:
     (the file is sorted by class), nested across n and identical across runs."""
     order = np.random.default_rng(SUBSET_SEED).permutation(len(dataset))
     return Subset(dataset, order[:n].tolist())
+
+
+def timed_trainer(minutes: float, precision: str, callbacks: list[L.Callback]) -> L.Trainer:
+    """A CPU Trainer that trains for a wall-clock budget: no validation, logger, checkpoints
+    or progress bar (they would cost time that the throughput should not include)."""
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision=precision,
+        max_time=timedelta(minutes=minutes),
+        max_epochs=-1,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+
+
+def eval_trainer(precision: str = "32-true") -> L.Trainer:
+    """A quiet CPU Trainer for the test pass of a benchmark."""
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )

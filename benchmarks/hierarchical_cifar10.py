@@ -23,19 +23,23 @@ import os
 import sys
 import tempfile
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
-from cpu_bench import Throughput, environment, print_environment, quiet_lightning
-from torch.utils.data import DataLoader, Subset
+from cpu_bench import (
+    Throughput,
+    environment,
+    eval_trainer,
+    print_environment,
+    quiet_lightning,
+    test_subset,
+    timed_trainer,
+)
+from torch.utils.data import DataLoader
 
 from datamodules import CIFAR10
 from lightning_modules import HierarchicalPixelVAE
-
-SUBSET_SEED = 0  # the test subset does not change with --seed
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -128,20 +132,7 @@ def main(argv: list[str] | None = None) -> None:
 
     keys = ("train/bpd", "train/nelbo", "train/kl/z1", "train/kl/z2", "train/kl_weight")
     meter = Throughput(args.batch_size, args.warmup_steps, args.log_every, keys)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        precision=args.precision,
-        max_time=timedelta(minutes=args.minutes),
-        max_epochs=-1,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[meter],
-    )
+    trainer = timed_trainer(args.minutes, args.precision, [meter])
     print(f"\n=== training for {args.minutes:g} min ({args.precision}) ===", flush=True)
     trainer.fit(model, datamodule=dm)
     steps = trainer.global_step
@@ -152,24 +143,18 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
 
-    order = np.random.default_rng(SUBSET_SEED).permutation(len(dm.test_set))[: args.n_test]
-    loader = DataLoader(Subset(dm.test_set, order.tolist()), batch_size=args.eval_batch_size)
-    print(f"  testing {len(order)} test images (fp32, k={args.iwae_k}) ...", flush=True)
+    subset = test_subset(dm.test_set, args.n_test)
+    loader = DataLoader(subset, batch_size=args.eval_batch_size)
+    print(f"  testing {len(subset)} test images (fp32, k={args.iwae_k}) ...", flush=True)
     t0 = time.perf_counter()
-    tester = L.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    tester = eval_trainer()
     metrics = {k: float(v) for k, v in tester.test(model, loader, verbose=False)[0].items()}
     eval_s = time.perf_counter() - t0
 
     bits = 1 / math.log(2)
     print(
         f"\ntrain {meter.images_per_s:.1f} img/s, {steps} steps, {epochs:.2f} epochs\n"
-        f"test ({len(order)} images): -ELBO {metrics['test/nelbo']:.1f} nats = "
+        f"test ({len(subset)} images): -ELBO {metrics['test/nelbo']:.1f} nats = "
         f"{metrics['test/bpd']:.3f} bits/dim;  IWAE (k={args.iwae_k}) "
         f"{metrics['test/bpd_iwae']:.3f} bits/dim\n"
         f"  recon {metrics['test/recon']:.1f} nats;  "
@@ -193,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
             "steps": steps,
             "epochs": epochs,
             "history": meter.history,
-            "n_test": len(order),
+            "n_test": len(subset),
             "eval_s": eval_s,
             "metrics": metrics,
         }

@@ -26,7 +26,6 @@ import json
 import math
 import os
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
@@ -36,9 +35,11 @@ from cpu_bench import (
     Throughput,
     data_root,
     environment,
+    eval_trainer,
     print_environment,
     quiet_lightning,
     test_subset,
+    timed_trainer,
 )
 from torch.utils.data import DataLoader
 
@@ -155,20 +156,7 @@ def run_precision(
     L.seed_everything(args.seed, verbose=False)
     model = make_model(args)
     meter = Throughput(args.batch_size, args.warmup_steps, args.log_every)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        precision=precision,
-        max_time=timedelta(minutes=args.minutes),
-        max_epochs=-1,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[meter],
-    )
+    trainer = timed_trainer(args.minutes, precision, [meter])
     trainer.fit(model, datamodule=dm)
     steps = trainer.global_step
     print(
@@ -183,15 +171,7 @@ def run_precision(
         f"k={args.iwae_k} ...",
         flush=True,
     )
-    tester = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        precision=eval_precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    tester = eval_trainer(eval_precision)
     t_eval = time.perf_counter()
     metrics = tester.test(model, dataloaders=test_loader, verbose=False)[0]
     eval_s = time.perf_counter() - t_eval

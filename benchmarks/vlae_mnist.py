@@ -18,7 +18,6 @@ import json
 import math
 import os
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
@@ -28,9 +27,11 @@ from cpu_bench import (
     Throughput,
     data_root,
     environment,
+    eval_trainer,
     print_environment,
     quiet_lightning,
     test_subset,
+    timed_trainer,
 )
 from torch.utils.data import DataLoader
 
@@ -116,20 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     callbacks: list[L.Callback] = [meter]
     if args.polyak_decay > 0:
         callbacks.append(PolyakAveraging(decay=args.polyak_decay))
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        precision=args.precision,
-        max_time=timedelta(minutes=args.minutes),
-        max_epochs=-1,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-    )
+    trainer = timed_trainer(args.minutes, args.precision, callbacks)
     print(f"\n=== training for {args.minutes:g} min ===", flush=True)
     t0 = time.perf_counter()
     trainer.fit(model, datamodule=dm)
@@ -142,14 +130,7 @@ def main(argv: list[str] | None = None) -> None:
 
     loader = DataLoader(test_subset(dm.test_set, args.n_test), batch_size=100, shuffle=False)
     print(f"  evaluating {args.n_test} test images (subset seed {SUBSET_SEED}), k={args.iwae_k}")
-    tester = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    tester = eval_trainer()
     t_eval = time.perf_counter()
     metrics = {k: float(v) for k, v in tester.test(model, loader, verbose=False)[0].items()}
     eval_s = time.perf_counter() - t_eval
