@@ -14,7 +14,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from arvae import report
-from callbacks import KLBreakdown, LossyCode, NoiseVariation, SampleGrid, TestReport
+from callbacks import (
+    KLBreakdown,
+    LossyCode,
+    NoiseVariation,
+    RunRecord,
+    SampleGrid,
+    TestReport,
+)
 from datamodules import ImageDataModule
 from lightning_modules import ImageModel
 
@@ -51,6 +58,7 @@ class ArvaeCLI(LightningCLI):
         parser.add_lightning_class_args(NoiseVariation, "noise_variation")
         parser.add_lightning_class_args(LossyCode, "lossy_code")
         parser.add_lightning_class_args(TestReport, "test_report")
+        parser.add_lightning_class_args(RunRecord, "run_record")
 
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit"):

@@ -171,6 +171,21 @@ def test_fit_writes_checkpoints_and_tests_after_fit(fitted):
     assert [r.split(",")[0] for r in rows[1:]] == ["val", "test"]
 
 
+def test_fit_records_versions_commit_and_command_with_the_checkpoints(fitted):
+    from importlib.metadata import version
+
+    import torch
+
+    record = json.loads((fitted / "run_record.json").read_text())
+    assert record["packages"]["torch"] == version("torch")
+    assert record["packages"]["lightning"] == version("lightning") and record["packages"]["arvae"]
+    assert "fit" in record["argv"] and "--test_after_fit" in record["argv"]
+    if (REPO / ".git").exists():  # running from a git checkout: its commit is recorded
+        assert len(record["git"]["commit"]) == 40 and isinstance(record["git"]["dirty"], bool)
+    ckpt = torch.load(fitted / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["arvae_run"] == record
+
+
 def test_test_from_checkpoint_round_trip(fitted, tmp_path):
     """`arvae test -c <the fit's config.yaml> --ckpt_path last.ckpt` reproduces the numbers
     of the test after fit (same weights; per-example evaluation noise, so also with another
