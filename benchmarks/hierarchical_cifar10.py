@@ -26,13 +26,10 @@ import time
 from pathlib import Path
 
 import lightning as L
-import torch
 from cpu_bench import (
     Throughput,
-    environment,
     eval_trainer,
-    print_environment,
-    quiet_lightning,
+    start,
     test_subset,
     timed_trainer,
 )
@@ -107,13 +104,7 @@ def make_model(args: argparse.Namespace) -> HierarchicalPixelVAE:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)  # as the CLI does: denormals slow CPU steps several-fold
-    quiet_lightning()
-    env = environment()
-    env["flush_denormal"] = True
-    print_environment(env)
+    env = start(args.threads)  # flushes denormals, as the CLI does
 
     root, tmp = data_root(args.data)
     dm = CIFAR10(root=root, batch_size=args.batch_size, seed=args.seed, download=False)

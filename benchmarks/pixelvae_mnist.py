@@ -34,10 +34,8 @@ from cpu_bench import (
     SUBSET_SEED,
     Throughput,
     data_root,
-    environment,
     eval_trainer,
-    print_environment,
-    quiet_lightning,
+    start,
     test_subset,
     timed_trainer,
 )
@@ -247,18 +245,10 @@ def print_table(results: list[dict], k: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     # When gradients vanish (a collapsed posterior, saturated gates) denormal floats appear,
     # likely in Adam's second moments (grad**2), and x86 handles them in microcode: fp32 steps
-    # went from 1.2 s to ~5 s after ~30 steps here (1 thread). Flushing them changes nothing
-    # measurable in the losses; --keep-denormals turns it off.
-    if not args.keep_denormals:
-        torch.set_flush_denormal(True)
-    quiet_lightning()
-    env = environment()
-    env["flush_denormal"] = not args.keep_denormals
-    print_environment(env)
+    # went from 1.2 s to ~5 s after ~30 steps here (1 thread); --keep-denormals keeps them.
+    env = start(args.threads, flush_denormal=not args.keep_denormals)
 
     root, tmp = data_root(args.data)
     dm = BinarizedMNIST(root=root, batch_size=args.batch_size, seed=args.seed, download=False)

@@ -21,15 +21,12 @@ import time
 from pathlib import Path
 
 import lightning as L
-import torch
 from cpu_bench import (
     SUBSET_SEED,
     Throughput,
     data_root,
-    environment,
     eval_trainer,
-    print_environment,
-    quiet_lightning,
+    start,
     test_subset,
     timed_trainer,
 )
@@ -78,11 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    torch.set_flush_denormal(True)
-    quiet_lightning()
-    env = environment()
-    env["flush_denormal"] = True
-    print_environment(env)
+    env = start()
 
     root, tmp = data_root(args.data)
     dm = BinarizedMNIST(root=root, batch_size=args.batch_size, seed=args.seed, download=False)
