@@ -20,11 +20,16 @@ REPO = Path(__file__).resolve().parents[1]
 def git_commit(repo: Path = REPO) -> dict[str, Any] | None:
     """HEAD of the checkout the code runs from and whether it has uncommitted changes; None
     when it is not a git checkout (an installed wheel) or git is missing."""
+
+    def git(*args: str) -> str:
+        cmd = ["git", "-C", str(repo), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=True).stdout
+
     try:
-        run = lambda *a: subprocess.run(  # noqa: E731
-            ["git", "-C", str(repo), *a], capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        return {"commit": run("rev-parse", "HEAD"), "dirty": bool(run("status", "--porcelain"))}
+        return {
+            "commit": git("rev-parse", "HEAD").strip(),
+            "dirty": bool(git("status", "--porcelain").strip()),
+        }
     except (OSError, subprocess.SubprocessError):
         return None
 

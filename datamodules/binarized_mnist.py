@@ -112,6 +112,16 @@ def check_grey(array: np.ndarray, n: int, where: object) -> np.ndarray:
     return array
 
 
+def read_matlab(path: Path, names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """The variables of a MATLAB file (only ``names`` when given); a damaged file is a clear
+    error naming it."""
+    try:
+        mat = scipy.io.loadmat(path, variable_names=names)
+    except Exception as e:  # scipy raises many types for a damaged file
+        raise bad_file(path, f"unreadable MATLAB file ({e})") from e
+    return {k: v for k, v in mat.items() if not k.startswith("__")}
+
+
 def parse_amat_text(raw: bytes, where: object) -> np.ndarray:
     """Rows of whitespace-separated single-character 0/1 values -> uint8 (rows, 784).
 
@@ -145,10 +155,7 @@ def read_amat(path: Path, n: int) -> np.ndarray:
         if len(values) != n:
             raise bad_file(path, f"{len(values)} lines, expected {n}")
         return check_binary(values, n, path)
-    try:
-        arrays = [v for k, v in scipy.io.loadmat(path).items() if not k.startswith("__")]
-    except Exception as e:  # scipy raises many types for a damaged file
-        raise bad_file(path, f"unreadable MATLAB file ({e})") from e
+    arrays = list(read_matlab(path).values())
     if len(arrays) != 1:
         raise bad_file(path, f"expected one array in the MATLAB file, found {len(arrays)}")
     return check_binary(arrays[0], n, path)

@@ -20,11 +20,10 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import scipy.io
 from einops import rearrange
 
 from .base import ImageDataModule, IndexedImages
-from .binarized_mnist import PIXELS, bad_file, channel_first, check_binary
+from .binarized_mnist import PIXELS, bad_file, channel_first, check_binary, read_matlab
 from .download import Source
 
 log = logging.getLogger(__name__)
@@ -57,10 +56,7 @@ def background_is_one(splits: dict[str, np.ndarray]) -> bool:
 
 def read_mat(path: Path) -> dict[str, np.ndarray]:
     """Marlin's .mat file -> {"train", "valid", "test"}: uint8 (N, 28, 28), object 1, upright."""
-    try:
-        mat = scipy.io.loadmat(path, variable_names=list(VARIABLES.values()))
-    except Exception as e:  # scipy raises many types for a damaged file
-        raise bad_file(path, f"unreadable MATLAB file ({e})") from e
+    mat = read_matlab(path, list(VARIABLES.values()))
     splits = {}
     for split, name in VARIABLES.items():
         rows, n = mat.get(name), SIZES[split]

@@ -16,11 +16,17 @@ Binarization: train, pixel ~ Bernoulli(grey) resampled every epoch (see `Dynamic
 from pathlib import Path
 
 import numpy as np
-import scipy.io
 from einops import rearrange
 
 from .base import ImageDataModule, IndexedImages
-from .binarized_mnist import PIXELS, DynamicBinarized, bad_file, binarize_fixed, channel_first
+from .binarized_mnist import (
+    PIXELS,
+    DynamicBinarized,
+    bad_file,
+    binarize_fixed,
+    channel_first,
+    read_matlab,
+)
 from .download import Source
 
 SIZES = {"train": 24_345, "test": 8_070}
@@ -40,10 +46,7 @@ SOURCES: list[Source] = [(URL, None), (ARM_URL, None)]
 
 def read_chardata(path: Path) -> dict[str, np.ndarray]:
     """`chardata.mat` -> {"train", "test"}: float32 (N, 28, 28) grey levels in [0, 1], upright."""
-    try:
-        mat = scipy.io.loadmat(path, variable_names=list(VARIABLES.values()))
-    except Exception as e:  # scipy raises many types for a damaged file
-        raise bad_file(path, f"unreadable MATLAB file ({e})") from e
+    mat = read_matlab(path, list(VARIABLES.values()))
     splits = {}
     for split, name in VARIABLES.items():
         if name not in mat:
