@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from arvae import report
+from arvae import report, sweep
 from callbacks import (
     KLBreakdown,
     LossyCode,
@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["report"]:
         report.main(argv[1:])
+        return
+    if argv[:1] == ["sweep"]:
+        sweep.main(argv[1:])
         return
     if argv[:1] == ["quickstart"]:
         argv = ["fit", "-c", str(QUICKSTART_CONFIG), *argv[1:]]
