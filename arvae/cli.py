@@ -100,6 +100,10 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["quickstart"]:
         argv = ["fit", "-c", str(QUICKSTART_CONFIG), *argv[1:]]
     cli(argv)
+    # Lightning destroys only NCCL process groups at exit; a gloo group left to the
+    # interpreter's shutdown can abort the process (SIGABRT) after a successful run
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

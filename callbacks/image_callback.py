@@ -8,7 +8,12 @@ class ImageCallback(L.Callback):
     """Calls ``write(trainer, pl_module, tag)`` every ``every_n_epochs`` validation epochs
     (tag ``epochNNNN``; never during the sanity check; 0 = never) and after testing (tag
     ``test``), and keeps the first ``n_reconstructions`` images of the first validation /
-    test batch as ``self.originals`` for reconstructions."""
+    test batch as ``self.originals`` for reconstructions.
+
+    ``write`` draws from copies of the random number generators: figures (drawn on global
+    rank zero only) leave the training's random streams as they were, so rank zero's does
+    not drift from the other ranks' and a run's results do not depend on which figures it
+    draws, or how often."""
 
     def __init__(self, every_n_epochs: int, n_reconstructions: int) -> None:
         self.every_n_epochs = every_n_epochs
@@ -35,7 +40,12 @@ class ImageCallback(L.Callback):
         if trainer.sanity_checking or self.every_n_epochs <= 0:
             return
         if (epoch + 1) % self.every_n_epochs == 0:
-            self.write(trainer, pl_module, f"epoch{epoch:04d}")
+            self._write(trainer, pl_module, f"epoch{epoch:04d}")
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.write(trainer, pl_module, "test")
+        self._write(trainer, pl_module, "test")
+
+    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str) -> None:
+        device = pl_module.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            self.write(trainer, pl_module, tag)

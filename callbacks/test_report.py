@@ -4,6 +4,7 @@ import json
 from datetime import datetime, timezone
 
 import lightning as L
+import torch
 
 from .run_dir import run_dir
 
@@ -11,28 +12,43 @@ from .run_dir import run_dir
 class TestReport(L.Callback):
     """After ``test``, global rank zero writes ``<log_dir>/test_metrics.json`` with every
     ``test/*`` metric (nats per image; reduced over ranks), the model's hyper-parameters, the
-    datamodule, the checkpoint tested and the number of test examples."""
+    datamodule, the checkpoint tested and ``n_test_examples``: the examples the test really
+    evaluated, summed over the DDP ranks (not the size of the test set), so a sampler that
+    repeats examples, or ``limit_test_batches``, shows in the report."""
 
     __test__ = False  # not a pytest test class
 
     def __init__(self, filename: str = "test_metrics.json") -> None:
         self.filename = filename
+        self.n_seen = 0
+        self.n_examples: int | None = None
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.n_seen = 0
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.n_seen += len(batch[0])  # batches are (x, index)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        seen = torch.tensor(self.n_seen, device=pl_module.device)
+        self.n_examples = int(trainer.strategy.reduce(seen, reduce_op="sum"))  # every rank
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # both are read on every rank: log_dir is a broadcast, and reading a metric that was
+        # not computed yet would sync it over the ranks
         log_dir = run_dir(trainer)
-        if not trainer.is_global_zero:
-            return
         metrics = {
             k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")
         }
+        if not trainer.is_global_zero:
+            return
         datamodule = trainer.datamodule
-        test_set = getattr(datamodule, "test_set", None)
         report = {
             "model": type(pl_module).__name__,
             "hparams": {k: _plain(v) for k, v in pl_module.hparams.items()},
             "datamodule": type(datamodule).__name__ if datamodule is not None else None,
             "data": {k: _plain(v) for k, v in getattr(datamodule, "hparams", {}).items()},
-            "n_test_examples": len(test_set) if test_set is not None else None,
+            "n_test_examples": self.n_examples,
             "iwae_k": getattr(pl_module, "iwae_k", None),
             "ckpt_path": trainer.ckpt_path,
             "global_step": trainer.global_step,

@@ -11,6 +11,8 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -55,11 +57,14 @@ TINY_DATA = [
     "--data.init_args.eval_batch_size", "6",
 ]  # fmt: skip
 
-# a DDP run takes ~20 s; a rank stuck in a collective must fail the test, not stall the suite
+# a DDP run takes 5-20 s; a rank stuck in a collective must fail the test, not stall the suite
 DDP_TIMEOUT = 150
 
 # variables of an enclosing distributed job that would change how Lightning launches
 FOREIGN_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE"}
+
+
+ARVAE = (sys.executable, "-m", "arvae.cli")
 
 
 def free_port() -> int:
@@ -68,9 +73,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def arvae(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    """`python -m arvae.cli *args` in cwd; its whole process group (DDP ranks included) is
-    killed if it runs past `timeout`, so a deadlock fails the test instead of hanging it."""
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment of an `arvae` subprocess: this one's, less the variables of an
+    enclosing distributed job, with the repository importable and `extra` added."""
     env = {
         k: v
         for k, v in os.environ.items()
@@ -83,23 +88,70 @@ def arvae(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedPr
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(free_port()),
     )
-    cmd = [sys.executable, "-m", "arvae.cli", *args]
+    return {**env, **extra}
+
+
+def spawn(
+    *args: str, cwd: Path, env: dict[str, str], program: tuple[str, ...] = ARVAE
+) -> subprocess.Popen:
+    """Start `program *args` (`python -m arvae.cli` unless said otherwise) in cwd, in a
+    process group of its own (its DDP ranks join it). Output goes to temporary files, which
+    `finish` reads: no pipe can fill up while another process is being waited for."""
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
     proc = subprocess.Popen(
-        cmd,
+        [*program, *args],
         cwd=cwd,
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stdout=out,
+        stderr=err,
         text=True,
         start_new_session=True,
     )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"`arvae {' '.join(args)}` ran past {timeout}s (hung?)\n{out}\n{err[-6000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    proc.logs = (out, err)
+    return proc
+
+
+def finish(procs: list[subprocess.Popen], timeout: float) -> list[subprocess.CompletedProcess]:
+    """Wait for every process of `procs`. When one fails the others are killed (they would
+    wait for it in a collective), and past `timeout` all of them are and the test fails: a
+    deadlock fails the test instead of hanging it. Then what is left of each process group
+    (a DDP rank whose launcher has exited) is killed, before the launcher is reaped: until
+    then its zombie keeps the group's id from being reused."""
+    deadline, hung = time.monotonic() + timeout, False
+    while True:
+        status = [_exit_status(p) for p in procs]
+        if None not in status or any(status):
+            break
+        if hung := time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    results = []
+    for p in procs:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        out, err = (_read_and_close(f) for f in p.logs)
+        results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    if hung:
+        logs = "\n".join(f"{r.args}:\n{r.stdout}\n{r.stderr[-6000:]}" for r in results)
+        pytest.fail(f"ran past {timeout}s (hung?)\n{logs}")
+    return results
+
+
+def _exit_status(proc: subprocess.Popen) -> int | None:
+    """None while `proc` runs; then its exit status (or killing signal), without reaping it."""
+    info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    return None if info is None else info.si_status
+
+
+def _read_and_close(file) -> str:
+    with file:
+        file.seek(0)
+        return file.read()
+
+
+def arvae(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`python -m arvae.cli *args` in cwd, killed with its DDP ranks past `timeout`."""
+    return finish([spawn(*args, cwd=cwd, env=cli_env())], timeout)[0]
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -217,132 +269,6 @@ def test_report_tabulates_a_real_run(fitted, capsys):
     cells = [c.strip() for c in lines[2].strip("|").split("|")]
     assert cells[1:4] == ["PixelVAE", "4", f"{metrics['test/nelbo']:.2f}"]
     assert cells[-2:] == ["4", "1000"]  # k, n_test
-
-
-def test_ddp_test_matches_single_process(fitted, tmp_path):
-    """Testing on 2 CPU ranks (gloo) gives the single-process numbers: every example is
-    counted exactly once and its evaluation noise does not depend on the rank. The model's
-    options come from the checkpoint (only its class is given)."""
-    ckpt = str(fitted / "checkpoints" / "last.ckpt")
-    model = ["--model", "lightning_modules.PixelVAE"]
-    common = ["test", *model, *QUIET, *TINY_DATA, "--ckpt_path", ckpt]
-    ok(arvae(*common, "--trainer.logger.init_args.name", "one", cwd=tmp_path))
-    ok(
-        arvae(
-            *common,
-            "--trainer.logger.init_args.name", "ddp",
-            "--trainer.accelerator", "cpu",
-            "--trainer.devices", "2",
-            "--trainer.strategy", "ddp",
-            cwd=tmp_path,
-            timeout=DDP_TIMEOUT,
-        )
-    )  # fmt: skip
-    one = read_report(tmp_path / "runs" / "one" / "version_0")
-    ddp = read_report(tmp_path / "runs" / "ddp" / "version_0")
-    assert one["n_test_examples"] == ddp["n_test_examples"] == 37
-    assert one["hparams"]["latent_dim"] == 4 and one["hparams"]["pixelcnn_channels"] == 8
-    assert set(METRICS) <= set(one["metrics"]) and set(one["metrics"]) == set(ddp["metrics"])
-    # rel 1e-6: float noise is ~1e-7 here, while counting one example twice moves the mean by
-    # (x_dup - mean) / 38, a few 1e-5 for this model: 1e-5 would let that through narrowly
-    for key, value in one["metrics"].items():
-        assert ddp["metrics"][key] == pytest.approx(value, rel=1e-6), key
-
-
-def test_ddp_fit_validates_checkpoints_and_tests(tmp_path):
-    """`fit` on 2 CPU ranks with the default callbacks: every parameter of the (gated,
-    conditioned) model gets a gradient on every rank, and the callbacks that write files on
-    rank zero do not leave the other rank behind in a collective."""
-    ok(
-        arvae(
-            "fit", *TINY_MODEL, *QUIET, *TINY_DATA,
-            "--trainer.max_epochs", "1",
-            "--trainer.limit_val_batches", "1",
-            "--trainer.accelerator", "cpu",
-            "--trainer.devices", "2",
-            "--trainer.strategy", "ddp",
-            "--trainer.logger.init_args.name", "ddp",
-            "--test_after_fit", "true",
-            cwd=tmp_path,
-            timeout=DDP_TIMEOUT,
-        )
-    )  # fmt: skip
-    run = tmp_path / "runs" / "ddp" / "version_0"
-    assert (run / "checkpoints" / "last.ckpt").is_file()
-    assert (run / "samples" / "samples_epoch0000.png").is_file()
-    rows = (run / "kl_breakdown.csv").read_text().splitlines()
-    assert [r.split(",")[0] for r in rows[1:]] == ["val", "test"]
-    report = read_report(run)
-    assert report["n_test_examples"] == 37
-    assert set(METRICS) <= set(report["metrics"])
-
-
-HIERARCHICAL = [
-    "--model.class_path", "lightning_modules.HierarchicalPixelVAE",
-    "--model.init_args.latent_channels", "[2, 3]",
-    "--model.init_args.latent_sizes", "[4, 1]",
-    "--model.init_args.pixel_widths", "[6, 8]",
-    "--model.init_args.latent_width", "8",
-    "--model.init_args.blocks", "1",
-    "--model.init_args.embed_dim", "2",
-    "--model.init_args.n_pixelcnn_layers", "2",
-    "--model.init_args.pixelcnn_channels", "6",
-    "--model.init_args.n_prior_layers", "2",
-    "--model.init_args.prior_channels", "4",
-    "--model.init_args.iwae_k", "4",
-    "--data.class_path", "tests.tiny_data.TinyColour",
-]  # fmt: skip
-
-
-def test_hierarchical_fit_test_and_ddp_on_8bit_images(tmp_path):
-    """The 8-bit path end to end: fit and test the two-level PixelVAE on real colour crops;
-    bits/dim agree with nats; the per-level noise and reconstruction grids are written; and
-    testing on 2 gloo ranks gives the single-process numbers."""
-    ok(
-        arvae(
-            "fit", *HIERARCHICAL, *QUIET,
-            "--trainer.max_epochs", "1",
-            "--trainer.limit_val_batches", "1",
-            "--trainer.logger.init_args.name", "fit",
-            "--test_after_fit", "true",
-            cwd=tmp_path,
-        )
-    )  # fmt: skip
-    run = tmp_path / "runs" / "fit" / "version_0"
-    report = read_report(run)
-    assert report["hparams"]["data_kind"] == "8bit" and report["n_test_examples"] == 13
-    m = report["metrics"]
-    dims_ln2 = 3 * 8 * 8 * math.log(2)
-    assert m["test/bpd"] == pytest.approx(m["test/nelbo"] / dims_ln2, rel=1e-5)
-    assert m["test/bpd_iwae"] == pytest.approx(m["test/nll_iwae"] / dims_ln2, rel=1e-5)
-    assert m["test/nelbo"] == pytest.approx(
-        m["test/recon"] + m["test/kl/z1"] + m["test/kl/z2"], abs=1e-3
-    )
-    samples = {p.name for p in (run / "samples").iterdir()}
-    assert {f"noise_{level}_test.png" for level in ("z2", "z1", "x")} <= samples
-    assert {"reconstructions_z1_test.png", "reconstructions_z2_test.png"} <= samples
-
-    ckpt = str(run / "checkpoints" / "last.ckpt")
-    common = ["test", "--model", "lightning_modules.HierarchicalPixelVAE", *QUIET]
-    common += ["--data", "tests.tiny_data.TinyColour", "--data.init_args.eval_batch_size", "3"]
-    common += ["--ckpt_path", ckpt]
-    ok(arvae(*common, "--trainer.logger.init_args.name", "one", cwd=tmp_path))
-    ok(
-        arvae(
-            *common,
-            "--trainer.logger.init_args.name", "ddp",
-            "--trainer.accelerator", "cpu",
-            "--trainer.devices", "2",
-            "--trainer.strategy", "ddp",
-            cwd=tmp_path,
-            timeout=DDP_TIMEOUT,
-        )
-    )  # fmt: skip
-    one = read_report(tmp_path / "runs" / "one" / "version_0")["metrics"]
-    ddp = read_report(tmp_path / "runs" / "ddp" / "version_0")["metrics"]
-    assert set(one) == set(ddp) and "test/bpd_iwae" in one
-    for key, value in one.items():
-        assert ddp[key] == pytest.approx(value, rel=1e-6), key
 
 
 def test_quickstart_config_is_valid(tmp_path):
