@@ -2,22 +2,29 @@
 
 arvae fit  -c experiments/pixelvae/gated_pixelvae.yaml
 arvae test -c experiments/pixelvae/gated_pixelvae.yaml --ckpt_path runs/.../best.ckpt
+arvae fit  -c ... --ckpt_path last   # continue the newest run of that name where it stopped
 arvae quickstart            # the embedded default: small PixelVAE on the shipped sample
+arvae sweep experiments/sweeps/pixelvae_layers.yaml   # a wandb sweep's runs, without a server
+arvae report runs/          # every tested run as one Markdown table
 """
 
 import sys
 import warnings
 from importlib.resources import files
+from pathlib import Path
 
+import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from arvae import report, sweep
+from arvae import report, resume, sweep
+from arvae.checkpoint_io import AtomicCheckpointIO, check_readable, is_local
 from callbacks import (
     KLBreakdown,
     LossyCode,
     NoiseVariation,
+    RunCheckpoint,
     RunRecord,
     SampleGrid,
     TestReport,
@@ -43,7 +50,7 @@ class ArvaeCLI(LightningCLI):
             "data.data_shape", "model.init_args.image_shape", apply_on="instantiate"
         )
         parser.link_arguments("data.data_kind", "model.init_args.data_kind", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/nelbo",
@@ -59,6 +66,27 @@ class ArvaeCLI(LightningCLI):
         parser.add_lightning_class_args(LossyCode, "lossy_code")
         parser.add_lightning_class_args(TestReport, "test_report")
         parser.add_lightning_class_args(RunRecord, "run_record")
+
+    def parse_arguments(self, parser, args) -> None:
+        """Parse, then reject a damaged --ckpt_path with a clear error before LightningCLI
+        reads its hyper-parameters (which would fail with a bare zip-reader error)."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and is_local(ckpt_path) and Path(ckpt_path).is_file():
+            check_readable(ckpt_path)
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand == "fit":
+            resume.continue_run(self.config.fit)
+
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        """The configured trainer, writing its checkpoints atomically unless the config
+        chose its own checkpoint IO."""
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit"):
@@ -78,7 +106,7 @@ def cli(args: list[str] | None = None) -> ArvaeCLI:
             save_config_kwargs={"overwrite": True},
             trainer_defaults={
                 "logger": {
-                    "class_path": "lightning.pytorch.loggers.CSVLogger",
+                    "class_path": "arvae.loggers.CSVLogger",
                     "init_args": {"save_dir": "runs"},
                 }
             },

@@ -4,6 +4,7 @@ from .kl_breakdown import KLBreakdown
 from .lossy_code import LossyCode
 from .noise_variation import NoiseVariation
 from .polyak import PolyakAveraging
+from .run_checkpoint import RunCheckpoint
 from .run_record import RunRecord
 from .sample_grid import SampleGrid
 from .test_report import TestReport
@@ -13,6 +14,7 @@ __all__ = [
     "LossyCode",
     "NoiseVariation",
     "PolyakAveraging",
+    "RunCheckpoint",
     "RunRecord",
     "SampleGrid",
     "TestReport",

@@ -4,7 +4,7 @@
 with it, so metrics do not depend on batch size, order or the number of ranks.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lightning as L
@@ -40,10 +40,46 @@ class EpochSampler(DistributedSampler):
     (dynamic binarization) is thus seeded by the true epoch in every worker and rank.
     """
 
+    skip: int = 0
+    """Indices of this rank's shard to leave out, once, at the start of the next epoch
+    (set when resuming mid-epoch, see :class:`ResumableLoader`)."""
+
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
         if callable(set_dataset_epoch := getattr(self.dataset, "set_epoch", None)):
             set_dataset_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        skip, self.skip = self.skip, 0
+        return iter(indices[skip:])
+
+
+class ResumableLoader(DataLoader):
+    """The training loader, resumable mid-epoch: Lightning stores its ``state_dict`` in every
+    checkpoint and calls ``load_state_dict`` before it starts iterating a resumed run. The
+    state is the epoch and the number of batches the model has consumed in it (read from the
+    trainer: the loader itself runs ahead, by the prefetched batches); resuming restores the
+    sampler's epoch (the shuffle, and the dataset's per-epoch noise in the workers, which
+    start before Lightning sets the epoch) and skips those batches, so a resumed run sees
+    the batches, in the order, that the uninterrupted run saw.
+
+    Args (beyond DataLoader's): ``batches_done``: returns the batches consumed this epoch.
+    """
+
+    def __init__(self, *args, batches_done: Callable[[], int], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches_done = batches_done
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "batches_done": int(self.batches_done())}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        epoch, done = state["epoch"], state["batches_done"]
+        if done >= len(self):  # saved at the end of an epoch: the next one starts afresh
+            epoch, done = epoch + 1, 0
+        self.sampler.set_epoch(epoch)
+        self.sampler.skip = done * self.batch_size
 
 
 def world() -> tuple[int, int]:
@@ -118,7 +154,15 @@ class ImageDataModule(L.LightningDataModule):
         sampler = EpochSampler(
             self.train_set, num_replicas=size, rank=rank, shuffle=True, seed=self.seed
         )
-        return self._loader(self.train_set, self.batch_size, sampler, drop_last=True)
+        return ResumableLoader(
+            self.train_set,
+            **self._loader_options(self.batch_size, sampler, drop_last=True),
+            batches_done=self._batches_done,
+        )
+
+    def _batches_done(self) -> int:
+        """Training batches the trainer has run in the current epoch."""
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self.val_set)
@@ -140,8 +184,10 @@ class ImageDataModule(L.LightningDataModule):
     def _loader(
         self, dataset: Dataset, batch_size: int, sampler: Sampler | None, drop_last: bool
     ) -> DataLoader:
-        return DataLoader(
-            dataset,
+        return DataLoader(dataset, **self._loader_options(batch_size, sampler, drop_last))
+
+    def _loader_options(self, batch_size: int, sampler: Sampler | None, drop_last: bool) -> dict:
+        return dict(
             batch_size=batch_size,
             sampler=sampler,
             drop_last=drop_last,

@@ -13,11 +13,13 @@ bounds are also reported in bits per dimension: ``{stage}/bpd`` and ``test/bpd_i
 """
 
 import math
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
+import numpy as np
 import torch
 from torch import nn
 from torchmetrics import MeanMetric
@@ -92,6 +94,7 @@ class ImageModel(L.LightningModule):
         self.latent_dims: dict[str, int] = {}  # level name -> number of latent dimensions
         self.metrics = nn.ModuleDict()
         self._generators: list[torch.Generator] | None = None
+        self.run_seed: int | None = None  # seeds the training noise; kept in checkpoints
         # called here, while the subclass's __init__ frame is still on the stack, Lightning
         # records the subclass's arguments and these shared ones alike
         self.save_hyperparameters()
@@ -187,6 +190,21 @@ class ImageModel(L.LightningModule):
         cls = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax}[self.optimizer_name]
         return cls(self.parameters(), lr=self.lr)
 
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        """Seed the batch's training noise (latent samples) from the run's seed, the epoch,
+        the batch and the rank: a run resumed from a mid-epoch checkpoint then draws the
+        same noise as the run that was never stopped (the seed is in the checkpoint)."""
+        if self.run_seed is None:
+            self.run_seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
+        key = [self.run_seed, self.current_epoch, batch_idx, self.global_rank]
+        torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["arvae_run_seed"] = self.run_seed
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.run_seed = checkpoint.get("arvae_run_seed")
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
         x, _ = batch
         self.check_input(x)
@@ -216,8 +234,8 @@ class ImageModel(L.LightningModule):
         """
         optimizer_closure()
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        norms = [torch.linalg.vector_norm(g.float()) for g in grads]
-        norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+        # one fused (foreach) reduction: per-tensor norms cost a kernel launch each
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
         if torch.isfinite(norm):
             self.bad_steps, self._bad_terms = 0, {}
             self.log("train/grad_norm", norm)

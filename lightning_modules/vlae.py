@@ -269,6 +269,7 @@ class VLAE(ImageModel):
         """Data-dependent init of the weight-normalized layers on the first training batch
         (never again: the flag is in the checkpoint); under DDP rank zero's result is
         broadcast, so every replica starts from the same weights."""
+        super().on_train_batch_start(batch, batch_idx)
         if bool(self.initialized):
             return
         x, _ = batch

@@ -104,8 +104,10 @@ def test_vlae_weight_norm_skips_the_flows_and_the_zero_posterior_head():
     state = copy.deepcopy(model.state_dict())
     model.on_train_batch_start((1 - x, None), 1)  # already initialized: nothing changes
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
-    # q(z|x) starts at N(0, I) and the AF prior near it: z carries almost nothing yet
-    assert model.elbo_terms(x)["kl/z"].abs().max() < 0.1
+    # q(z|x) starts at N(0, I) and the AF prior near it: z carries almost nothing yet (the
+    # KL is a one-sample estimate per image, so its batch mean is what is ~0)
+    kl = model.elbo_terms(x)["kl/z"]
+    assert kl.mean().abs() < 0.05 and kl.abs().max() < 0.5
 
 
 # ------------------------------------------------------------------ the bounds

@@ -1,0 +1,32 @@
+"""A CSV logger that continues the metrics file of a resumed run instead of deleting it."""
+
+import csv
+
+from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+
+class AppendingWriter(ExperimentWriter):
+    """Lightning's writer deletes an existing ``metrics.csv`` when it opens a run directory;
+    this one keeps its rows and columns and appends after them (rows logged after the
+    resumed checkpoint by the interrupted attempt stay too: their steps repeat)."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                self.metrics_keys = next(csv.reader(file), [])
+
+
+class CSVLogger(LightningCSVLogger):
+    """Lightning's CSVLogger (``<save_dir>/<name>/<version>/metrics.csv``, ``hparams.yaml``),
+    except that reopening a version, as ``--ckpt_path last`` and SLURM requeues do, appends
+    to its ``metrics.csv``."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = AppendingWriter(log_dir=self.log_dir)
+        return self._experiment

@@ -1,0 +1,35 @@
+"""Callbacks that interrupt a CLI run the way a cluster does, at a chosen training step.
+
+Added to an `arvae fit` subprocess with ``--trainer.callbacks+=tests.fault_injection.<Name>``
+(the repository root is on its PYTHONPATH).
+"""
+
+import os
+import signal
+
+import lightning as L
+
+
+class KillAtStep(L.Callback):
+    """SIGKILL this process when training reaches ``step``: no handler, no cleanup, exactly
+    what an out-of-memory killer or a lost node does."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SignalAtStep(L.Callback):
+    """Send ``signal`` (SIGUSR1: SLURM's warning before the time limit) to this process
+    at the end of training step ``step``, once."""
+
+    def __init__(self, step: int, signal: str = "SIGUSR1") -> None:
+        self.step = step
+        self.signal = signal
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), getattr(signal, self.signal))
