@@ -33,3 +33,24 @@ class SignalAtStep(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), getattr(signal, self.signal))
+
+
+class NaNBatchOnRank(L.Callback):
+    """Put a NaN into the batch of global rank ``rank`` at training steps ``steps``: that
+    rank's loss and gradients go non-finite, and DDP's all-reduce carries the NaN to every
+    rank. After every step the ranks compare a checksum of their weights and fail if they
+    differ (a rank that stepped while another skipped would have drifted)."""
+
+    def __init__(self, rank: int, steps: list[int]) -> None:
+        self.rank = rank
+        self.steps = steps
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step in self.steps:
+            batch[0][0, 0, 0, 0] = float("nan")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        checksum = sum(p.detach().double().sum() for p in pl_module.parameters())
+        sums = trainer.strategy.all_gather(checksum.float()).reshape(-1)
+        if not bool((sums == sums[0]).all()):
+            raise RuntimeError(f"DDP replicas drifted apart: weight checksums {sums.tolist()}")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from jsonargparse import Namespace
-from test_cli import QUIET, TINY_MODEL, arvae, ok, read_report
+from test_cli import QUIET, REPO, TINY_MODEL, arvae, cli_env, finish, ok, read_report, spawn
 from torch.utils.data import TensorDataset
 
 from arvae.checkpoint_io import AtomicCheckpointIO, CheckpointError, save_atomically
@@ -259,3 +259,24 @@ def test_the_cli_reports_a_truncated_checkpoint(uninterrupted, tmp_path):
     result = arvae("test", *RUN, "--ckpt_path", str(bad), cwd=tmp_path)
     assert result.returncode != 0
     assert "truncated or damaged" in result.stderr and str(bad) in result.stderr
+
+
+def test_wandb_offline_logs_from_yaml_and_a_resumed_run_continues_the_same_wandb_run(tmp_path):
+    """experiments/pixelvae/wandb.yaml adds a WandbLogger beside the CSV one; it works offline,
+    its run id is recorded, and `--ckpt_path last` continues that wandb run (same id)."""
+    env = cli_env(WANDB_MODE="offline", WANDB_CONFIG_DIR=str(tmp_path / "wandb_config"))
+    cmd = [
+        "fit", *RUN, "-c", str(REPO / "experiments" / "pixelvae" / "wandb.yaml"),
+        "--test_after_fit", "false",
+    ]  # fmt: skip
+    ok(finish([spawn(*cmd, "--trainer.max_steps", "4", cwd=tmp_path, env=env)], 240)[0])
+    run = tmp_path / "runs" / "sweeps" / "version_0"  # wandb.yaml names the CSV run "sweeps"
+    wandb_id = json.loads((run / "run_record.json").read_text())["wandb_id"]
+    (first,) = (tmp_path / "runs" / "wandb").glob("offline-run-*")
+    assert first.name.endswith(wandb_id)
+
+    resume = ["--trainer.max_steps", "6", "--ckpt_path", "last"]
+    ok(finish([spawn(*cmd, *resume, cwd=tmp_path, env=env)], timeout=240)[0])
+    runs = sorted(p.name for p in (tmp_path / "runs" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(name.endswith(wandb_id) for name in runs)
+    assert json.loads((run / "run_record.json").read_text())["wandb_id"] == wandb_id

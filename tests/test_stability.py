@@ -1,11 +1,13 @@
 """The stability guard: a non-finite loss or gradient skips the step (counted, logged);
 too many in a row stop the run with a clear error and a checkpoint of the last good weights."""
 
+import csv
 import math
 
 import lightning as L
 import pytest
 import torch
+from test_cli import DDP_TIMEOUT, QUIET, TINY_DATA, TINY_MODEL, arvae
 from tiny_data import TinyBinary
 
 from lightning_modules import PixelCNN
@@ -75,3 +77,38 @@ def test_too_many_nonfinite_steps_in_a_row_stop_with_a_checkpoint(tmp_path):
 def test_max_bad_steps_is_checked():
     with pytest.raises(ValueError, match="max_bad_steps"):
         PixelCNN(max_bad_steps=0)
+
+
+def test_under_ddp_a_nan_on_one_rank_is_skipped_by_every_rank_then_too_many_stop_all(tmp_path):
+    """Rank 1's batch holds a NaN at step 1, and at steps 3, 4, 5: the all-reduced gradient is
+    non-finite on both ranks, so both skip step 1 (their weights stay equal, checked after
+    every step) and training goes on; three in a row stop both ranks with the error and
+    nonfinite-stop.ckpt holding the weights of the last good step."""
+    result = arvae(
+        "fit", *TINY_MODEL, *QUIET, *TINY_DATA,
+        "--trainer.max_steps", "8",
+        "--trainer.accelerator", "cpu",
+        "--trainer.devices", "2",
+        "--trainer.strategy", "ddp",
+        "--trainer.log_every_n_steps", "1",
+        "--trainer.logger.init_args.name", "nan",
+        "--samples.every_n_epochs", "0",
+        "--model.init_args.max_bad_steps", "3",
+        "--trainer.callbacks+=tests.fault_injection.NaNBatchOnRank",
+        "--trainer.callbacks.init_args.rank", "1",
+        "--trainer.callbacks.init_args.steps", "[1, 3, 4, 5]",
+        cwd=tmp_path, timeout=DDP_TIMEOUT,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "3 training steps in a row had a non-finite loss or gradient" in result.stderr
+    assert "drifted" not in result.stderr
+    run = tmp_path / "runs" / "nan" / "version_0"
+    stop = torch.load(run / "checkpoints" / "nonfinite-stop.ckpt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in stop["state_dict"].values())
+    with open(run / "metrics.csv", newline="") as f:
+        skipped = [
+            float(r["train/skipped_steps"])
+            for r in csv.DictReader(f)
+            if r.get("train/skipped_steps")
+        ]
+    assert skipped[0] == 1.0 and max(skipped) >= 3.0
