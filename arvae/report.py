@@ -5,11 +5,19 @@ directories, one row per run: the model, chosen hyper-parameters (``--columns``)
 negative ELBO and its terms and the importance-weighted NLL, in nats per image, and on
 8-bit data both bounds in bits per dimension (``bpd``, ``bpd_iwae``). This is
 the data behind sweeps such as PixelVAE Fig. 4a/4b (``--columns n_pixelcnn_layers``).
+
+With ``--ledger experiments/ledger.yaml`` it is the reproduction ledger instead: one row per
+paper number (paper, dataset, model and config, the paper's value), filled from the newest
+tested run of the target's run name and model options (ours, k, training steps, command,
+checkpoint), and "not run" where there is none.
 """
 
 import argparse
 import json
+import shlex
 from pathlib import Path
+
+import yaml
 
 
 def collect(paths: list[Path]) -> list[dict]:
@@ -58,15 +66,71 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def run_name(report: dict) -> str:
+    """The logger name of a run: ``<save_dir>/<name>/<version>/test_metrics.json``."""
+    return Path(report["run"]).parent.name
+
+
+def ours(report: dict, metric: str) -> str:
+    value = report["metrics"].get(metric)
+    if value is None:
+        return f"{metric} not reported"
+    return cell(value, metric.removeprefix("test/")) + (" bits/dim" if "bpd" in metric else "")
+
+
+def ledger_row(target: dict, reports: list[dict]) -> dict:
+    """The target's row, from the newest report of its run name whose hyper-parameters
+    include the target's ``match`` (if any)."""
+    want = target.get("match", {})
+    matches = [
+        r
+        for r in reports
+        if run_name(r) == target["run"] and all(r["hparams"].get(k) == v for k, v in want.items())
+    ]
+    base = {
+        "paper": target["paper"],
+        "dataset": target["dataset"],
+        "model (config)": f"{target['model']} (`{target['config']}`)",
+        "paper value": target["paper_value"],
+    }
+    if not matches:
+        return {**base, "ours": "not run", "k": "", "steps": "", "command": "", "checkpoint": ""}
+    report = max(matches, key=lambda r: r.get("finished_at", ""))
+    iwae = "iwae" in target["metric"]
+    return {
+        **base,
+        "ours": ours(report, target["metric"]),
+        "k": str(report.get("iwae_k")) if iwae else "ELBO",
+        "steps": str(report.get("global_step", "")),
+        "command": f"`{shlex.join(report['command'])}`" if report.get("command") else "",
+        "checkpoint": f"`{report.get('ckpt_path')}`",
+    }
+
+
+def ledger(targets_file: Path, reports: list[dict]) -> str:
+    targets = yaml.safe_load(targets_file.read_text())
+    rows = [ledger_row(t, reports) for t in targets]
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(r.values()) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(prog="arvae report", description=__doc__.split("\n")[0])
-    parser.add_argument("paths", nargs="+", type=Path, help="run directories or json files")
+    parser.add_argument("paths", nargs="*", type=Path, help="run directories or json files")
     parser.add_argument("--columns", nargs="*", default=[], help="hyper-parameters to show")
     parser.add_argument("--out", type=Path, help="also write the table to this file")
+    parser.add_argument(
+        "--ledger", type=Path, help="reproduction targets (experiments/ledger.yaml)"
+    )
     args = parser.parse_args(argv)
-    rows = [row(r, args.columns) for r in collect(args.paths)]
-    rows.sort(key=lambda r: [str(r["model"])] + [str(r[c]).zfill(8) for c in args.columns])
-    table = markdown(rows)
+    reports = collect(args.paths)
+    if args.ledger:
+        table = ledger(args.ledger, reports)
+    else:
+        rows = [row(r, args.columns) for r in reports]
+        rows.sort(key=lambda r: [str(r["model"])] + [str(r[c]).zfill(8) for c in args.columns])
+        table = markdown(rows)
     print(table)
     if args.out:
         args.out.write_text(table + "\n")

@@ -1,6 +1,7 @@
 """Writes the test metrics of a run as JSON next to its logs: the input of `arvae report`."""
 
 import json
+import sys
 from datetime import datetime, timezone
 
 import lightning as L
@@ -12,9 +13,9 @@ from .run_dir import run_dir
 class TestReport(L.Callback):
     """After ``test``, global rank zero writes ``<log_dir>/test_metrics.json`` with every
     ``test/*`` metric (nats per image; reduced over ranks), the model's hyper-parameters, the
-    datamodule, the checkpoint tested and ``n_test_examples``: the examples the test really
-    evaluated, summed over the DDP ranks (not the size of the test set), so a sampler that
-    repeats examples, or ``limit_test_batches``, shows in the report."""
+    datamodule, the checkpoint tested, the command line and ``n_test_examples``: the examples
+    the test really evaluated, summed over the DDP ranks (not the size of the test set), so a
+    sampler that repeats examples, or ``limit_test_batches``, shows in the report."""
 
     __test__ = False  # not a pytest test class
 
@@ -51,6 +52,7 @@ class TestReport(L.Callback):
             "n_test_examples": self.n_examples,
             "iwae_k": getattr(pl_module, "iwae_k", None),
             "ckpt_path": trainer.ckpt_path,
+            "command": ["arvae", *sys.argv[1:]],
             "global_step": trainer.global_step,
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "metrics": metrics,

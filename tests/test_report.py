@@ -2,6 +2,9 @@
 
 import json
 
+import yaml
+from test_cli import REPO
+
 from arvae.cli import main
 
 
@@ -39,3 +42,55 @@ def test_report_tabulates_every_run_sorted_by_column(tmp_path, capsys):
 def test_report_says_when_nothing_was_found(tmp_path, capsys):
     main(["report", str(tmp_path)])
     assert "no test_metrics.json found" in capsys.readouterr().out
+
+
+LEDGER = REPO / "experiments" / "ledger.yaml"
+
+
+def test_ledger_fills_each_paper_number_from_the_newest_run_of_its_name(tmp_path, capsys):
+    runs = tmp_path / "runs" / "gated_pixelvae_no_upsampling"
+    for version, (nll, finished) in enumerate([(80.0, "2026-01-01"), (79.1, "2026-02-01")]):
+        write_run(runs / f"version_{version}", 13, nll + 1.0)
+        path = runs / f"version_{version}" / "test_metrics.json"
+        report = json.loads(path.read_text())
+        report.update(
+            finished_at=finished,
+            global_step=200000,
+            ckpt_path=f"runs/x/version_{version}/checkpoints/last.ckpt",
+            command=["arvae", "test", "-c", "a b.yaml"],
+        )
+        path.write_text(json.dumps(report))
+    # an AF VAE ablation run keeps the dataset config's run name: its options tell it apart
+    ablation = tmp_path / "runs" / "vlae_mnist_static" / "version_0"
+    write_run(ablation, 0, 81.0)
+    report = json.loads((ablation / "test_metrics.json").read_text())
+    report["hparams"] = {"prior": "af", "posterior": "gaussian", "decoder": "factorized"}
+    (ablation / "test_metrics.json").write_text(json.dumps(report))
+    main(["report", "--ledger", str(LEDGER), str(tmp_path / "runs")])
+    header, _, *rows = capsys.readouterr().out.strip().splitlines()
+    vlae, af_vae = (next(r for r in rows if f"| {m} (" in r) for m in ("VLAE", "AF VAE"))
+    assert "not run" in vlae and "| 80.00 | 5000 |" in af_vae
+    assert header == (
+        "| paper | dataset | model (config) | paper value | ours | k | steps | command"
+        " | checkpoint |"
+    )
+    targets = yaml.safe_load(LEDGER.read_text())
+    assert len(rows) == len(targets)
+    (filled,) = [r for r in rows if "not run" not in r and r != af_vae]
+    assert "Gated PixelVAE w/o upsampling" in filled and "≈ 78.96 (≤ 79.58)" in filled
+    assert "| 79.10 | 5000 | 200000 | `arvae test -c 'a b.yaml'` |" in filled
+    assert "version_1/checkpoints/last.ckpt" in filled
+
+
+def test_every_ledger_target_names_a_shipped_config_and_its_run_name():
+    for target in yaml.safe_load(LEDGER.read_text()):
+        base, *overlays = [part.strip() for part in target["config"].split("+")]
+        config = REPO / "experiments" / f"{base}.yaml"
+        assert config.is_file(), target
+        for overlay in overlays:
+            assert (config.parent / f"{overlay}.yaml").is_file(), target
+        assert target["metric"] in ("test/nll_iwae", "test/bpd", "test/bpd_iwae"), target
+        assert f"name: {target['run']}}}" in config.read_text(), target  # its logger name
+        if overlays:  # an ablation's runs are told apart by the options its overlay sets
+            overlay = yaml.safe_load((config.parent / f"{overlays[0]}.yaml").read_text())
+            assert target["match"] == overlay["model"]["init_args"], target
