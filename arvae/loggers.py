@@ -21,7 +21,12 @@ class AppendingWriter(ExperimentWriter):
 class CSVLogger(LightningCSVLogger):
     """Lightning's CSVLogger (``<save_dir>/<name>/<version>/metrics.csv``, ``hparams.yaml``),
     except that reopening a version, as ``--ckpt_path last`` and SLURM requeues do, appends
-    to its ``metrics.csv``."""
+    to its ``metrics.csv``, and that the rows logged so far are written whenever a checkpoint
+    is (a killed run's log then reaches its last checkpoint, where its resume starts)."""
+
+    def after_save_checkpoint(self, checkpoint_callback) -> None:
+        super().after_save_checkpoint(checkpoint_callback)
+        self.save()
 
     @property
     @rank_zero_experiment

@@ -17,7 +17,8 @@ from arvae.checkpoint_io import AtomicCheckpointIO, CheckpointError, save_atomic
 from arvae.resume import continue_run
 from datamodules.base import EpochSampler, ResumableLoader
 
-# 64 training images in batches of 16: 4 steps an epoch; 10 steps cross two epoch ends
+# 64 training images in batches of 16: 4 steps an epoch; 10 steps cross two epoch ends. No
+# validation before step 20, so every checkpoint comes from every_n_train_steps.
 RUN = [
     *TINY_MODEL, *QUIET,
     "--data.class_path", "tests.tiny_data.TinyBinary",
@@ -26,6 +27,8 @@ RUN = [
     "--trainer.max_steps", "10",
     "--trainer.logger.init_args.name", "run",
     "--checkpoint.every_n_train_steps", "3",
+    "--trainer.check_val_every_n_epoch", "5",
+    "--trainer.log_every_n_steps", "1",
     "--samples.every_n_epochs", "0",
     "--test_after_fit", "true",
 ]  # fmt: skip
@@ -89,7 +92,12 @@ def test_kill_9_mid_epoch_then_ckpt_path_last_gives_the_uninterrupted_result(
     )  # fmt: skip
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     run = tmp_path / "runs" / "run" / "version_0"
-    assert weights(run / "checkpoints" / "last.ckpt")  # the step-6 checkpoint is intact
+    # the periodic step-6 save, mid-epoch 1, though validation has not run yet
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert (
+        last["global_step"] == 6
+        and last["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"] == 1
+    )
     assert not (run / "test_metrics.json").exists()
 
     resumed = ok(arvae("fit", *RUN, "--ckpt_path", "last", cwd=tmp_path))
