@@ -11,6 +11,7 @@ sees the old checkpoint or the new one, never a part. A crash leaves at most the
 
 import os
 import zipfile
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,17 @@ def save_atomically(checkpoint: dict[str, Any], path: _PATH) -> None:
 def check_readable(path: _PATH) -> None:
     """Raise :class:`CheckpointError` unless ``path`` is a whole torch.save archive: every
     member present and matching its CRC (a truncated copy fails, and so does one with a
-    damaged byte, which torch.load might read without noticing)."""
+    damaged byte, which torch.load might read without noticing). A file already verified
+    in this process, unchanged since, is not read again (the CLI checks a --ckpt_path
+    before LightningCLI reads it, and the trainer's checkpoint IO when it loads it)."""
+    stat = os.stat(path)
+    verify_archive(str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=16)
+def verify_archive(path: str, mtime_ns: int, size: int) -> None:
+    """The CRC check of :func:`check_readable`, cached by the file's identity (a damaged
+    file raises, and raising is not cached)."""
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()

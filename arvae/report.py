@@ -109,10 +109,7 @@ def ledger_row(target: dict, reports: list[dict]) -> dict:
 
 def ledger(targets_file: Path, reports: list[dict]) -> str:
     targets = yaml.safe_load(targets_file.read_text())
-    rows = [ledger_row(t, reports) for t in targets]
-    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    lines += ["| " + " | ".join(r.values()) + " |" for r in rows]
-    return "\n".join(lines)
+    return markdown([ledger_row(t, reports) for t in targets])
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
+from .backbone import sample_autoregressive
 from .likelihoods import LIKELIHOODS, bits_per_dim
 
 
@@ -149,6 +150,19 @@ class ImageModel(L.LightningModule):
             raise RuntimeError(f"per-example noise set for {len(self._generators)}, asked {batch}")
         rows = [torch.randn(shape, generator=g) for g in self._generators]
         return torch.stack(rows).to(self.device)
+
+    def sample_pixels(self, n: int, params_fn, context_rows: int, noise=None) -> torch.Tensor:
+        """n images drawn from this model's likelihood pixel by pixel (R -> G -> B within a
+        pixel) with ``params_fn(x_rows, rows)`` giving the parameters of those canvas rows;
+        each row sees ``context_rows`` rows above it (the PixelCNN's receptive field)."""
+        return sample_autoregressive(
+            params_fn,
+            self.likelihood.sample,
+            (n, *self.image_shape),
+            self.device,
+            noise=noise,
+            context_rows=context_rows,
+        )
 
     def iwae_chunk(self, batch: int) -> int:
         """Importance samples per forward pass so that batch x chunk <= iwae_batch."""

@@ -344,13 +344,11 @@ class HierarchicalPixelVAE(ImageModel):
         cond = self.decoders[0](z1)
         if self.pixelcnn is None:
             return self.likelihood.sample(self.factorized_head(cond), noise)
-        return sample_autoregressive(
+        return self.sample_pixels(
+            z1.shape[0],
             lambda x, rows: self.pixel_params(x, cond[:, :, rows]),
-            self.likelihood.sample,
-            (z1.shape[0], *self.image_shape),
-            self.device,
-            noise=noise,
-            context_rows=self.pixelcnn.receptive_rows,
+            self.pixelcnn.receptive_rows,
+            noise,
         )
 
     @torch.no_grad()

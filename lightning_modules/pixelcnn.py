@@ -4,7 +4,7 @@ from typing import Literal
 
 import torch
 
-from .backbone import GatedPixelCNN, PlainPixelCNN, he_init_, sample_autoregressive
+from .backbone import GatedPixelCNN, PlainPixelCNN, he_init_
 from .base import ImageModel
 
 PIXELCNNS = {"gated": GatedPixelCNN, "plain": PlainPixelCNN}
@@ -53,11 +53,7 @@ class PixelCNN(ImageModel):
 
     @torch.no_grad()
     def sample(self, n: int, noise: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        return sample_autoregressive(
-            lambda x, rows: self.params(x),
-            self.likelihood.sample,
-            (n, *self.image_shape),
-            self.device,
-            noise=None if noise is None else noise["x"],
-            context_rows=self.net.receptive_rows,
+        x_noise = None if noise is None else noise["x"]
+        return self.sample_pixels(
+            n, lambda x, rows: self.params(x), self.net.receptive_rows, x_noise
         )

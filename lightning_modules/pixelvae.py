@@ -13,7 +13,7 @@ import torch
 from einops import rearrange, repeat
 from torch import nn
 
-from .backbone import MNISTDecoder, MNISTEncoder, he_init_, sample_autoregressive, zero_init_
+from .backbone import MNISTDecoder, MNISTEncoder, he_init_, zero_init_
 from .base import ImageModel, log_mean_exp
 from .likelihoods import DiagonalGaussian
 from .pixelcnn import PIXELCNNS
@@ -136,13 +136,11 @@ class PixelVAE(ImageModel):
         if self.pixelcnn is None:
             params = self.pixel_params(torch.zeros(shape, device=z.device), (vec, cmap))
             return self.likelihood.sample(params, noise)
-        return sample_autoregressive(
+        return self.sample_pixels(
+            z.shape[0],
             lambda x, rows: self.pixel_params(x, (vec, None if cmap is None else cmap[:, :, rows])),
-            self.likelihood.sample,
-            shape,
-            self.device,
-            noise=noise,
-            context_rows=self.pixelcnn.receptive_rows,
+            self.pixelcnn.receptive_rows,
+            noise,
         )
 
     def sample_noise(self, n: int, generator: torch.Generator | None = None):

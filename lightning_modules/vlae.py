@@ -30,7 +30,6 @@ from .backbone import (
     LocalPixelCNN,
     data_dependent_init_,
     resnet,
-    sample_autoregressive,
     weight_norm_,
     zero_init_,
 )
@@ -217,18 +216,15 @@ class VLAE(ImageModel):
         """x ~ p(x|z) (z None: the unconditional PixelCNN), pixel by pixel in a window of
         the PixelCNN's receptive field, or in one pass for the factorized decoder."""
         cond_map = None if z is None else self.decoder(z)
-        shape = (n, *self.image_shape)
         if self.pixelcnn is None:
             return self.likelihood.sample(cond_map, noise)
-        return sample_autoregressive(
+        return self.sample_pixels(
+            n,
             lambda x, rows: self.pixel_params(
                 x, None if cond_map is None else cond_map[:, :, rows]
             ),
-            self.likelihood.sample,
-            shape,
-            self.device,
-            noise=noise,
-            context_rows=self.pixelcnn.receptive_rows,
+            self.pixelcnn.receptive_rows,
+            noise,
         )
 
     def sample_noise(self, n: int, generator: torch.Generator | None = None):
