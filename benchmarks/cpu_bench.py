@@ -1,5 +1,5 @@
 """Pieces shared by the CPU benchmark scripts: the machine, a throughput meter, quiet logs,
-the static binarized-MNIST files and a fixed test subset."""
+the static binarized-MNIST files, a fixed test subset and the timed train-then-test run."""
 
 import logging
 import os
@@ -8,13 +8,14 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import Subset
+from torch.utils.data import DataLoader, Subset
 
 from datamodules.binarized_mnist import STATIC_NPZ
 
@@ -209,3 +210,34 @@ def eval_trainer(precision: str = "32-true") -> L.Trainer:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
+
+
+def train_then_test(
+    model: L.LightningModule,
+    dm: L.LightningDataModule,
+    meter: Throughput,
+    minutes: float,
+    precision: str,
+    test_loader: DataLoader,
+    test_note: str,
+    eval_precision: str = "32-true",
+    callbacks: Sequence[L.Callback] = (),
+) -> tuple[int, float, dict[str, float], float]:
+    """Train for `minutes` of wall time (`meter` first among the callbacks), print the steps and
+    images/s, print `test_note`, then time the test pass on `test_loader`: the one run every
+    benchmark makes, measured the same way in each. Returns steps, epochs, the test metrics
+    as floats and the test seconds."""
+    trainer = timed_trainer(minutes, precision, [meter, *callbacks])
+    trainer.fit(model, datamodule=dm)
+    steps = trainer.global_step
+    epochs = steps * meter.batch_size / len(dm.train_set)
+    print(
+        f"  trained {steps} steps ({epochs:.2f} epochs) in {meter.train_seconds:.0f} s: "
+        f"{meter.images_per_s:.1f} images/s",
+        flush=True,
+    )
+    print(test_note, flush=True)
+    tester = eval_trainer(eval_precision)
+    t_eval = time.perf_counter()
+    metrics = {k: float(v) for k, v in tester.test(model, test_loader, verbose=False)[0].items()}
+    return steps, epochs, metrics, time.perf_counter() - t_eval

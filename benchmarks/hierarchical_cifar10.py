@@ -22,17 +22,10 @@ import math
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import lightning as L
-from cpu_bench import (
-    Throughput,
-    eval_trainer,
-    start,
-    test_subset,
-    timed_trainer,
-)
+from cpu_bench import Throughput, start, test_subset, train_then_test
 from torch.utils.data import DataLoader
 
 from datamodules import CIFAR10
@@ -123,24 +116,13 @@ def main(argv: list[str] | None = None) -> None:
 
     keys = ("train/bpd", "train/nelbo", "train/kl/z1", "train/kl/z2", "train/kl_weight")
     meter = Throughput(args.batch_size, args.warmup_steps, args.log_every, keys)
-    trainer = timed_trainer(args.minutes, args.precision, [meter])
-    print(f"\n=== training for {args.minutes:g} min ({args.precision}) ===", flush=True)
-    trainer.fit(model, datamodule=dm)
-    steps = trainer.global_step
-    epochs = steps * args.batch_size / len(dm.train_set)
-    print(
-        f"  trained {steps} steps ({epochs:.2f} epochs) in {meter.train_seconds:.0f} s: "
-        f"{meter.images_per_s:.1f} images/s",
-        flush=True,
-    )
-
     subset = test_subset(dm.test_set, args.n_test)
     loader = DataLoader(subset, batch_size=args.eval_batch_size)
-    print(f"  testing {len(subset)} test images (fp32, k={args.iwae_k}) ...", flush=True)
-    t0 = time.perf_counter()
-    tester = eval_trainer()
-    metrics = {k: float(v) for k, v in tester.test(model, loader, verbose=False)[0].items()}
-    eval_s = time.perf_counter() - t0
+    note = f"  testing {len(subset)} test images (fp32, k={args.iwae_k}) ..."
+    print(f"\n=== training for {args.minutes:g} min ({args.precision}) ===", flush=True)
+    steps, epochs, metrics, eval_s = train_then_test(
+        model, dm, meter, args.minutes, args.precision, loader, note
+    )
 
     bits = 1 / math.log(2)
     print(

@@ -30,15 +30,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from cpu_bench import (
-    SUBSET_SEED,
-    Throughput,
-    data_root,
-    eval_trainer,
-    start,
-    test_subset,
-    timed_trainer,
-)
+from cpu_bench import SUBSET_SEED, Throughput, data_root, start, test_subset, train_then_test
 from torch.utils.data import DataLoader
 
 from datamodules import BinarizedMNIST
@@ -46,7 +38,6 @@ from datamodules.binarized_mnist import STATIC_NPZ, STATIC_SIZES
 from lightning_modules import PixelVAE
 
 N_TEST_ALL = STATIC_SIZES["test"]
-N_TRAIN = STATIC_SIZES["train"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -154,37 +145,24 @@ def run_precision(
     L.seed_everything(args.seed, verbose=False)
     model = make_model(args)
     meter = Throughput(args.batch_size, args.warmup_steps, args.log_every)
-    trainer = timed_trainer(args.minutes, precision, [meter])
-    trainer.fit(model, datamodule=dm)
-    steps = trainer.global_step
-    print(
-        f"  trained {steps} steps ({steps * args.batch_size / N_TRAIN:.2f} epochs) in "
-        f"{meter.train_seconds:.0f} s: {meter.images_per_s:.1f} images/s",
-        flush=True,
-    )
-
     eval_precision = precision if args.eval_precision == "same" else args.eval_precision
-    print(
-        f"  evaluating {len(test_loader.dataset)} test images, {eval_precision}, "
-        f"k={args.iwae_k} ...",
-        flush=True,
+    n_test = len(test_loader.dataset)
+    note = f"  evaluating {n_test} test images, {eval_precision}, k={args.iwae_k} ..."
+    steps, epochs, metrics, eval_s = train_then_test(
+        model, dm, meter, args.minutes, precision, test_loader, note, eval_precision
     )
-    tester = eval_trainer(eval_precision)
-    t_eval = time.perf_counter()
-    metrics = tester.test(model, dataloaders=test_loader, verbose=False)[0]
-    eval_s = time.perf_counter() - t_eval
     result = {
         "precision": precision,
         "eval_precision": eval_precision,
         "train_images_per_s": meter.images_per_s,
         "steps": steps,
-        "epochs": steps * args.batch_size / N_TRAIN,
+        "epochs": epochs,
         "train_s": meter.train_seconds,
-        "test_nelbo": float(metrics["test/nelbo"]),
-        "test_recon": float(metrics["test/recon"]),
-        "test_kl": float(metrics["test/kl/z"]),
-        "test_nll_iwae": float(metrics["test/nll_iwae"]),
-        "n_test": len(test_loader.dataset),
+        "test_nelbo": metrics["test/nelbo"],
+        "test_recon": metrics["test/recon"],
+        "test_kl": metrics["test/kl/z"],
+        "test_nll_iwae": metrics["test/nll_iwae"],
+        "n_test": n_test,
         "iwae_k": args.iwae_k,
         "eval_s": eval_s,
         "wall_s": time.perf_counter() - t_run,

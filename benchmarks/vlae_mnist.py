@@ -21,15 +21,7 @@ import time
 from pathlib import Path
 
 import lightning as L
-from cpu_bench import (
-    SUBSET_SEED,
-    Throughput,
-    data_root,
-    eval_trainer,
-    start,
-    test_subset,
-    timed_trainer,
-)
+from cpu_bench import SUBSET_SEED, Throughput, data_root, start, test_subset, train_then_test
 from torch.utils.data import DataLoader
 
 from callbacks import PolyakAveraging
@@ -80,8 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     root, tmp = data_root(args.data)
     dm = BinarizedMNIST(root=root, batch_size=args.batch_size, seed=args.seed, download=False)
     dm.setup("fit")
-    n_train = len(dm.train_set)
-    print(f"data: {Path(root) / STATIC_NPZ}: train {n_train}, test {len(dm.test_set)}")
+    print(f"data: {Path(root) / STATIC_NPZ}: train {len(dm.train_set)}, test {len(dm.test_set)}")
 
     L.seed_everything(args.seed, verbose=False)
     model = VLAE(
@@ -107,31 +98,19 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     meter = Throughput(args.batch_size, args.warmup_steps, args.log_every, KEYS)
-    callbacks: list[L.Callback] = [meter]
-    if args.polyak_decay > 0:
-        callbacks.append(PolyakAveraging(decay=args.polyak_decay))
-    trainer = timed_trainer(args.minutes, args.precision, callbacks)
+    polyak = [PolyakAveraging(decay=args.polyak_decay)] if args.polyak_decay > 0 else []
+    loader = DataLoader(test_subset(dm.test_set, args.n_test), batch_size=100, shuffle=False)
+    note = f"  evaluating {args.n_test} test images (subset seed {SUBSET_SEED}), k={args.iwae_k}"
     print(f"\n=== training for {args.minutes:g} min ===", flush=True)
     t0 = time.perf_counter()
-    trainer.fit(model, datamodule=dm)
-    steps = trainer.global_step
-    print(
-        f"  trained {steps} steps ({steps * args.batch_size / n_train:.2f} epochs) in "
-        f"{meter.train_seconds:.0f} s: {meter.images_per_s:.1f} images/s",
-        flush=True,
+    steps, epochs, metrics, eval_s = train_then_test(
+        model, dm, meter, args.minutes, args.precision, loader, note, callbacks=polyak
     )
-
-    loader = DataLoader(test_subset(dm.test_set, args.n_test), batch_size=100, shuffle=False)
-    print(f"  evaluating {args.n_test} test images (subset seed {SUBSET_SEED}), k={args.iwae_k}")
-    tester = eval_trainer()
-    t_eval = time.perf_counter()
-    metrics = {k: float(v) for k, v in tester.test(model, loader, verbose=False)[0].items()}
-    eval_s = time.perf_counter() - t_eval
     kl = metrics.get("test/kl/z", 0.0)
     result = {
         "train_images_per_s": meter.images_per_s,
         "steps": steps,
-        "epochs": steps * args.batch_size / n_train,
+        "epochs": epochs,
         "train_s": meter.train_seconds,
         "test_nelbo": metrics["test/nelbo"],
         "test_recon": metrics["test/recon"],
