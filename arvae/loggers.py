@@ -1,10 +1,13 @@
-"""A CSV logger that continues the metrics file of a resumed run instead of deleting it."""
+"""A CSV logger that continues the metrics file of a resumed run instead of deleting it, and
+whose runs started at the same moment never share a version directory."""
 
 import csv
+import os
 
 from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 
 class AppendingWriter(ExperimentWriter):
@@ -22,7 +25,26 @@ class CSVLogger(LightningCSVLogger):
     """Lightning's CSVLogger (``<save_dir>/<name>/<version>/metrics.csv``, ``hparams.yaml``),
     except that reopening a version, as ``--ckpt_path last`` and SLURM requeues do, appends
     to its ``metrics.csv``, and that the rows logged so far are written whenever a checkpoint
-    is (a killed run's log then reaches its last checkpoint, where its resume starts)."""
+    is (a killed run's log then reaches its last checkpoint, where its resume starts), and that
+    a new version is claimed by creating its directory (see :meth:`_get_next_version`)."""
+
+    def _get_next_version(self) -> int:
+        """The next free ``version_<n>``, claimed by creating its directory. Lightning only
+        lists the existing ones, so runs that start together (``arvae sweep --parallel``, an
+        array job) pick the same number and write into one directory; ``mkdir`` is atomic,
+        so here the second one moves on to the next number. Only global rank 0 claims: the
+        other DDP ranks use rank 0's directory (Lightning broadcasts it)."""
+        version = super()._get_next_version()
+        if rank_zero_only.rank != 0 or "file" not in self._fs.protocol:
+            return version  # (an object store has no directories to claim)
+        root = os.path.join(self._root_dir, self.name)
+        self._fs.makedirs(root, exist_ok=True)
+        while True:
+            try:
+                self._fs.makedirs(os.path.join(root, f"version_{version}"), exist_ok=False)
+                return version
+            except FileExistsError:
+                version += 1
 
     def after_save_checkpoint(self, checkpoint_callback) -> None:
         super().after_save_checkpoint(checkpoint_callback)

@@ -1,11 +1,14 @@
-"""`arvae sweep SWEEP.yaml`: run a wandb sweep file's runs one after another, without a server.
+"""`arvae sweep SWEEP.yaml`: run a wandb sweep file's runs, one or several at a time, without
+a server.
 
 wandb's `sweep` / `agent` need a W&B server to hand out each run's parameters; this runner
 makes them itself for methods ``grid`` and ``random`` and builds each run's command line
 from the file's ``command`` as a wandb agent does (its ``${...}`` macros below), then runs
-the runs in turn as subprocesses in the current directory (so relative paths in the sweep
-are relative to where it is started, as with ``wandb agent``). It sets no sweep or run id, so
-a run's WandbLogger works with ``WANDB_MODE=offline`` or ``disabled``.
+the runs as subprocesses in the current directory (so relative paths in the sweep are
+relative to where it is started, as with ``wandb agent``): one after another, or ``--parallel
+N`` at a time, each on one entry of ``--gpus`` (see :class:`Runner`); runs that share a logger
+name get distinct versions (``arvae.loggers.CSVLogger`` claims its directory). It sets no
+sweep or run id, so a run's WandbLogger works with ``WANDB_MODE=offline`` or ``disabled``.
 
 Macros (each a whole element of ``command``), as a wandb agent expands them:
 ``${env}`` -> ``/usr/bin/env`` (nothing on Windows); ``${program}`` -> ``program``;
@@ -40,7 +43,9 @@ import re
 import shlex
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -266,30 +271,87 @@ def command_line(sweep: dict[str, Any], params: dict[str, Any], json_file: Path)
     return localize(expand(sweep["command"], values))
 
 
-def run_all(path: Path, commands: list[list[str]]) -> list[int]:
-    """Run every command in turn, whatever the others did; the failed runs' numbers."""
-    failed = []
-    for i, cmd in enumerate(commands, 1):
-        print(f"[sweep] run {i}/{len(commands)}: {shlex.join(cmd)}", flush=True)
+class Runner:
+    """Runs a sweep's command lines, ``parallel`` at a time, and says how each ended.
+
+    Runs that overlap write their output to ``logs/run-<i>.log`` instead of the terminal.
+    ``gpus`` are ``CUDA_VISIBLE_DEVICES`` values (``"0"``, or ``"0,1"`` for a two-GPU run);
+    each run gets the one with the fewest runs on it at its start, so with more runs at once
+    than entries they share the GPUs evenly (a small model that leaves a GPU idle between
+    kernel launches trains about as fast beside another run as alone).
+    """
+
+    def __init__(self, parallel: int = 1, gpus: list[str] | None = None, logs: Path | None = None):
+        self.parallel, self.gpus, self.logs = parallel, gpus or [], logs
+        self.on_gpu = dict.fromkeys(self.gpus, 0)
+        self.lock = threading.Lock()
+
+    def say(self, message: str) -> None:
+        with self.lock:
+            print(f"[sweep] {message}", flush=True)
+
+    def take_gpu(self) -> str | None:
+        with self.lock:
+            if not self.gpus:
+                return None
+            gpu = min(self.gpus, key=self.on_gpu.__getitem__)
+            self.on_gpu[gpu] += 1
+            return gpu
+
+    def give_back(self, gpu: str | None) -> None:
+        with self.lock:
+            if gpu is not None:
+                self.on_gpu[gpu] -= 1
+
+    def run(self, i: int, n: int, cmd: list[str]) -> int:
+        """Run ``cmd`` (run ``i`` of ``n``) to its end; its exit code (127: did not start)."""
+        gpu = self.take_gpu()
+        env = os.environ if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
+        log = None if self.parallel == 1 else self.logs / f"run-{i}.log"
+        where = "".join([f" on GPU {gpu}" if gpu else "", f" (log: {log})" if log else ""])
+        self.say(f"run {i}/{n}{where}: {shlex.join(cmd)}")
         try:
-            code = subprocess.run(cmd).returncode
+            if log is None:
+                code = subprocess.run(cmd, env=env).returncode
+            else:
+                with log.open("w") as out:
+                    code = subprocess.run(
+                        cmd, env=env, stdout=out, stderr=subprocess.STDOUT
+                    ).returncode
         except OSError as error:  # e.g. the program does not exist
-            print(f"[sweep] cannot start run {i}: {error}", flush=True)
+            self.say(f"cannot start run {i}: {error}")
             code = 127
-        if code:
-            failed.append(i)
-            print(f"[sweep] run {i}/{len(commands)} failed (exit code {code})", flush=True)
-    ok = len(commands) - len(failed)
-    listed = f"; failed: {', '.join(map(str, failed))}" if failed else ""
-    print(f"[sweep] {path}: {ok} of {len(commands)} runs succeeded{listed}", flush=True)
-    return failed
+        finally:
+            self.give_back(gpu)
+        if not code:
+            if log is not None:
+                self.say(f"run {i}/{n} finished")
+            return 0
+        tail = (
+            "".join(f"\n    {line}" for line in log.read_text().splitlines()[-15:]) if log else ""
+        )
+        self.say(f"run {i}/{n} failed (exit code {code}){tail}")
+        return code
+
+    def run_all(self, path: Path, commands: list[list[str]]) -> list[int]:
+        """Run every command, whatever the others did; the failed runs' numbers."""
+        if self.parallel > 1:
+            self.logs.mkdir(parents=True, exist_ok=True)
+        n = len(commands)
+        with ThreadPoolExecutor(self.parallel) as pool:
+            codes = list(pool.map(self.run, range(1, n + 1), [n] * n, commands))
+        failed = [i for i, code in enumerate(codes, 1) if code]
+        listed = f"; failed: {', '.join(map(str, failed))}" if failed else ""
+        self.say(f"{path}: {n - len(failed)} of {n} runs succeeded{listed}")
+        return failed
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="arvae sweep",
-        usage="%(prog)s SWEEP.yaml [--dry-run] [--count N] [--seed S] [-- ARG ...]",
-        description="Run a wandb sweep file's runs one after another, without a server.",
+        usage="%(prog)s SWEEP.yaml [--dry-run] [--count N] [--seed S] [--parallel N] "
+        "[--gpus G [G ...]] [--logs DIR] [-- ARG ...]",
+        description="Run a wandb sweep file's runs, one or several at a time, without a server.",
         epilog="Arguments after `--` are appended to every run's command line (later options "
         "win in LightningCLI), e.g. `-- --trainer.max_steps 2`.",
     )
@@ -297,6 +359,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true", help="print the command lines only")
     parser.add_argument("--count", type=int, help="at most this many runs (random: required)")
     parser.add_argument("--seed", type=int, default=0, help="seed of method random's draws")
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        help="run up to N runs at once, each writing its output to a log file "
+        "(default: one per --gpus entry, else 1)",
+    )
+    parser.add_argument(
+        "--gpus",
+        nargs="+",
+        metavar="G",
+        help="CUDA_VISIBLE_DEVICES of the runs, one entry per run slot: `--gpus 0 1 2 3` runs "
+        "on four GPUs, `--gpus 0,1 2,3` gives each run two; a run takes the entry with the "
+        "fewest runs on it, so --parallel above the number of entries shares them",
+    )
+    parser.add_argument(
+        "--logs",
+        type=Path,
+        help="where overlapping runs write run-<i>.log (default: runs/sweep-logs/<sweep name>)",
+    )
     return parser
 
 
@@ -306,6 +387,9 @@ def main(argv: list[str] | None = None) -> None:
     cut = argv.index("--") if "--" in argv else len(argv)
     parser = build_parser()
     args, extra = parser.parse_args(argv[:cut]), argv[cut + 1 :]
+    if args.parallel is not None and args.parallel < 1:
+        parser.error(f"--parallel must be at least 1 (got {args.parallel})")
+    parallel = args.parallel or len(args.gpus or []) or 1
     try:
         sweep = load(args.sweep)
         runs = plan(sweep, args.count, args.seed)
@@ -322,5 +406,6 @@ def main(argv: list[str] | None = None) -> None:
             file.write_text(json.dumps(params))
     if "early_terminate" in sweep:
         print("[sweep] `early_terminate` is ignored: every run runs to its end", file=sys.stderr)
-    if run_all(args.sweep, commands):
+    logs = args.logs or Path("runs", "sweep-logs", args.sweep.stem)
+    if Runner(parallel, args.gpus, logs).run_all(args.sweep, commands):
         raise SystemExit(1)

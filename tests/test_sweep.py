@@ -13,13 +13,21 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from test_cli import DDP_TIMEOUT, QUIET, REPO, TINY_DATA, TINY_MODEL, arvae, ok, read_report
 
 from arvae import cli, sweep
+from arvae.loggers import CSVLogger
 from callbacks.run_record import check_same_config
 
 ARVAE = [sweep.ENV, sys.executable, "-m", "arvae.cli"]
-SHIPPED = {"pixelvae_layers": 9, "pixelcnn_layers": 10, "vlae_receptive_field": 5}
+SHIPPED = {
+    "pixelvae_layers": 9,
+    "pixelcnn_layers": 10,
+    "vlae_receptive_field": 5,
+    "pixelvae_table1": 5,
+}
 
 
 def write(tmp_path: Path, config: dict, name: str = "sweep.yaml") -> Path:
@@ -189,6 +197,61 @@ def test_a_failed_run_is_reported_and_the_others_still_run(tmp_path, capfd, monk
     assert out.rstrip().endswith("2 of 3 runs succeeded; failed: 2")
 
 
+def test_parallel_runs_overlap_share_the_gpus_and_write_logs(tmp_path, capfd, monkeypatch):
+    """--parallel 3 --gpus 0 1,2: the three runs run at the same time (each waits until all
+    have started), the first two entries are taken once and the third run goes to the entry
+    with fewer runs, each run's output is in its log, and a failed run's summary quotes it."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    (tmp_path / "job.py").write_text(
+        "import json, os, pathlib, sys, time\n"
+        "x = json.loads(pathlib.Path(sys.argv[1]).read_text())['x']\n"
+        "pathlib.Path(f'started-{x}').touch()\n"
+        "deadline = time.time() + 60\n"
+        "while len(list(pathlib.Path().glob('started-*'))) < 3:\n"
+        "    if time.time() > deadline:\n"
+        "        sys.exit('the runs did not overlap')\n"
+        "    time.sleep(0.02)\n"
+        "print(f'{x} on GPU', os.environ['CUDA_VISIBLE_DEVICES'])\n"
+        "sys.exit(x == 'bad')\n"
+    )
+    config = {
+        "program": "job.py",
+        "method": "grid",
+        "parameters": {"x": {"values": ["a", "bad", "c"]}},
+        "command": ["${env}", "${interpreter}", "${program}", "${args_json_file}"],
+    }
+    with pytest.raises(SystemExit) as exit_:
+        sweep.main(
+            [str(write(tmp_path, config, "job.yaml")), "--parallel", "3"] + ["--gpus", "0", "1,2"]
+        )
+    assert exit_.value.code == 1
+    logs = {
+        i: (tmp_path / "runs" / "sweep-logs" / "job" / f"run-{i}.log").read_text()
+        for i in (1, 2, 3)
+    }
+    gpus = sorted(log.split("on GPU ")[1].strip() for log in logs.values())
+    assert gpus == ["0", "0", "1,2"], logs
+    assert logs[2].startswith("bad on GPU")
+    out = capfd.readouterr().out
+    assert "run 2/3 failed (exit code 1)\n    bad on GPU" in out
+    assert out.count(" finished") == 2
+    assert out.rstrip().endswith("2 of 3 runs succeeded; failed: 2")
+
+
+def test_runs_started_together_claim_distinct_versions(tmp_path, monkeypatch):
+    """Lightning lists the existing version directories, so two runs starting at once both
+    see version_0 as free (simulated here); ours claims it by creating it, and the second
+    run moves on. Non-zero DDP ranks claim nothing (they use rank 0's directory)."""
+    monkeypatch.setattr(LightningCSVLogger, "_get_next_version", lambda self: 0)
+    first, second = (CSVLogger(tmp_path, name="sweeps") for _ in range(2))
+    assert (first.version, second.version) == (0, 1)
+    assert sorted(p.name for p in (tmp_path / "sweeps").iterdir()) == ["version_0", "version_1"]
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    assert CSVLogger(tmp_path, name="other").version == 0
+    assert not (tmp_path / "other").exists()
+
+
 def test_every_shipped_sweep_expands_to_runs_that_parse(capsys, monkeypatch):
     """Each shipped sweep's dry run has one command line per grid value, and each parses
     (in process, `--print_config`) with its parameter set to that value."""
@@ -206,7 +269,21 @@ def test_every_shipped_sweep_expands_to_runs_that_parse(capsys, monkeypatch):
                 cli.cli([*line[len(ARVAE) :], "--print_config"])
             assert exit_.value.code == 0
             config = yaml.safe_load(capsys.readouterr().out)
-            assert config[section]["init_args"][key] == value, (name, value)
+            if param == "config":  # a config file per run, whose runs are named after it
+                assert config["trainer"]["logger"]["init_args"]["name"] == Path(value).stem
+            else:
+                assert config[section]["init_args"][key] == value, (name, value)
+
+
+def test_the_table1_sweep_runs_every_table1_row_of_the_ledger():
+    """`pixelvae_table1.yaml` runs exactly the ledger's PixelVAE Table 1 configs, so that
+    `arvae report --ledger` fills every row from the sweep's runs."""
+    ledger = yaml.safe_load((REPO / "experiments" / "ledger.yaml").read_text())
+    rows = {t["config"] for t in ledger if t["paper"] == "PixelVAE Table 1"}
+    table1 = yaml.safe_load((REPO / "experiments" / "sweeps" / "pixelvae_table1.yaml").read_text())
+    files = table1["parameters"]["config"]["values"]
+    assert {str(Path(f).relative_to("experiments").with_suffix("")) for f in files} == rows
+    assert {t["run"] for t in ledger if t["config"] in rows} == {Path(f).stem for f in files}
 
 
 def flags(args: list[str]) -> list[str]:
@@ -215,8 +292,9 @@ def flags(args: list[str]) -> list[str]:
 
 
 def test_sweep_runs_end_to_end_and_its_parameters_reach_every_ddp_rank(tmp_path):
-    """A grid over n_pixelcnn_layers through `arvae sweep`: each run saves its own value in
-    config.yaml and tests after fit. Then one run on 2 CPU ranks (DDP flags given after
+    """A grid over n_pixelcnn_layers through `arvae sweep --parallel 2`: the two runs share a
+    logger name and start together, yet each gets its own version directory, saves its own
+    value in config.yaml and tests after fit. Then one run on 2 CPU ranks (DDP flags given after
     `--`): it fits, so the ranks' configuration check passed, and it records world_size 2."""
     config = {
         "program": "arvae",
@@ -229,13 +307,18 @@ def test_sweep_runs_end_to_end_and_its_parameters_reach_every_ddp_rank(tmp_path)
         ],
     }  # fmt: skip
     path = str(write(tmp_path, config))
-    result = ok(arvae("sweep", path, "--", "--trainer.logger.init_args.name", "grid", cwd=tmp_path))
+    name = ["--trainer.logger.init_args.name", "grid"]
+    result = ok(arvae("sweep", path, "--parallel", "2", "--", *name, cwd=tmp_path))
     assert "2 of 2 runs succeeded" in result.stdout
-    for version, layers in enumerate([0, 1]):
-        run = tmp_path / "runs" / "grid" / f"version_{version}"
-        saved = yaml.safe_load((run / "config.yaml").read_text())
-        assert saved["model"]["init_args"]["n_pixelcnn_layers"] == layers
-        assert read_report(run)["hparams"]["n_pixelcnn_layers"] == layers
+    runs = sorted((tmp_path / "runs" / "grid").iterdir())
+    assert [run.name for run in runs] == ["version_0", "version_1"]
+    layers = set()
+    for run in runs:
+        saved = yaml.safe_load((run / "config.yaml").read_text())["model"]["init_args"]
+        assert read_report(run)["hparams"]["n_pixelcnn_layers"] == saved["n_pixelcnn_layers"]
+        layers.add(saved["n_pixelcnn_layers"])
+    assert layers == {0, 1}
+    assert len(list((tmp_path / "runs" / "sweep-logs" / "sweep").glob("run-*.log"))) == 2
 
     ddp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
     ddp += ["--trainer.logger.init_args.name", "ddp"]
