@@ -79,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="do not flush denormal floats to zero (they made fp32 steps ~4x slower here)",
     )
+    p.add_argument(
+        "--compile", action="store_true", help="compile_training: torch.compile the training step"
+    )
     p.add_argument("--warmup-steps", type=int, default=10, help="steps left out of images/s")
     p.add_argument("--log-every", type=float, default=60.0, help="progress line every N seconds")
     p.add_argument("--out", default=None, help="write the results as JSON here")
@@ -107,6 +110,7 @@ def make_model(args: argparse.Namespace) -> PixelVAE:
         free_bits=args.free_bits,
         iwae_k=args.iwae_k,
         iwae_batch=args.iwae_batch,
+        compile_training=args.compile,
     )
 
 

@@ -56,6 +56,11 @@ class ImageModel(L.LightningModule):
             counted in ``train/skipped_steps``); this many in a row stop the run with a clear
             error after saving ``nonfinite-stop.ckpt`` (the last good weights) beside the
             other checkpoints.
+        compile_training: run each training step's :meth:`elbo_terms` through
+            ``torch.compile`` (the first steps compile; validation, test and sampling stay
+            eager). It fuses the many small element-wise ops of the gated layers, which on
+            a GPU each cost a kernel launch; its random numbers are not the eager ones, so
+            a compiled run does not repeat an eager run's noise.
     """
 
     def __init__(
@@ -71,6 +76,7 @@ class ImageModel(L.LightningModule):
         iwae_batch: int = 1000,
         eval_seed: int = 0,
         max_bad_steps: int = 10,
+        compile_training: bool = False,
     ) -> None:
         super().__init__()
         if iwae_k < 1 or iwae_batch < 1:
@@ -89,6 +95,7 @@ class ImageModel(L.LightningModule):
         if max_bad_steps < 1:
             raise ValueError(f"max_bad_steps must be >= 1, got {max_bad_steps}")
         self.max_bad_steps = max_bad_steps
+        self.compile_training = compile_training
         self.bad_steps = 0  # consecutive skipped steps
         self.skipped_steps = 0
         self._bad_terms: dict[str, float] = {}
@@ -222,7 +229,8 @@ class ImageModel(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
         x, _ = batch
         self.check_input(x)
-        terms = self.elbo_terms(x)
+        # (a new wrapper each step costs nothing: torch.compile caches on the code and self)
+        terms = (torch.compile(self.elbo_terms) if self.compile_training else self.elbo_terms)(x)
         loss = self.loss(terms)
         if not torch.isfinite(loss):  # its gradient is not finite either: the step is skipped
             self._bad_terms = {k: float(v.float().mean()) for k, v in terms.items()}
