@@ -274,11 +274,13 @@ def command_line(sweep: dict[str, Any], params: dict[str, Any], json_file: Path)
 class Runner:
     """Runs a sweep's command lines, ``parallel`` at a time, and says how each ended.
 
-    Runs that overlap write their output to ``logs/run-<i>.log`` instead of the terminal.
+    Runs that overlap write their output to ``logs/run-<i>.log`` instead of the terminal and
+    split the CPU cores: each gets ``OMP_NUM_THREADS`` = cores // ``parallel`` (unless it is
+    set), since N runs each using every core slow each other down far more than N times.
     ``gpus`` are ``CUDA_VISIBLE_DEVICES`` values (``"0"``, or ``"0,1"`` for a two-GPU run);
     each run gets the one with the fewest runs on it at its start, so with more runs at once
-    than entries they share the GPUs evenly (a small model that leaves a GPU idle between
-    kernel launches trains about as fast beside another run as alone).
+    than entries they share the GPUs evenly (a small model leaves a GPU idle between its
+    kernel launches, time that another run can use).
     """
 
     def __init__(self, parallel: int = 1, gpus: list[str] | None = None, logs: Path | None = None):
@@ -306,7 +308,13 @@ class Runner:
     def run(self, i: int, n: int, cmd: list[str]) -> int:
         """Run ``cmd`` (run ``i`` of ``n``) to its end; its exit code (127: did not start)."""
         gpu = self.take_gpu()
-        env = os.environ if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
+        env = dict(os.environ)
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu
+        if self.parallel > 1:
+            env.setdefault(
+                "OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // self.parallel))
+            )
         log = None if self.parallel == 1 else self.logs / f"run-{i}.log"
         where = "".join([f" on GPU {gpu}" if gpu else "", f" (log: {log})" if log else ""])
         self.say(f"run {i}/{n}{where}: {shlex.join(cmd)}")

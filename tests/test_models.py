@@ -2,6 +2,7 @@
 
 import math
 
+import lightning as L
 import pytest
 import torch
 
@@ -154,23 +155,20 @@ def test_iwae_with_5000_samples_is_chunked_to_bounded_memory():
     assert max(seen) <= 500 and sum(seen) == 2 * 5000
 
 
-def test_bf16_mixed_training_on_cpu_keeps_float32_likelihoods(tmp_path):
-    import lightning as L
+def quiet_trainer(tmp_path, **options):
+    """A CPU Trainer that writes no logs or checkpoints and prints no progress."""
+    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    return L.Trainer(
+        accelerator="cpu", enable_model_summary=False, default_root_dir=tmp_path, **quiet, **options
+    )
 
+
+def test_bf16_mixed_training_on_cpu_keeps_float32_likelihoods(tmp_path):
     from datamodules import BinarizedMNIST
 
     model = small_vae().train()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        precision="bf16-mixed",
-        max_epochs=1,
-        limit_train_batches=3,
-        limit_val_batches=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
+    trainer = quiet_trainer(
+        tmp_path, precision="bf16-mixed", max_epochs=1, limit_train_batches=3, limit_val_batches=1
     )
     trainer.fit(model, datamodule=BinarizedMNIST(sample=True, batch_size=8, eval_batch_size=8))
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
@@ -200,7 +198,6 @@ def test_compiled_training_matches_eager_and_compiles_once(tmp_path, monkeypatch
     """compile_training=True: the same updates as eager (inductor drawing its random
     numbers as eager does, so both see the same z), one graph for all steps, and the same
     parameter names, so checkpoints are interchangeable."""
-    import lightning as L
     from torch._dynamo.utils import counters
 
     from datamodules import BinarizedMNIST
@@ -212,16 +209,7 @@ def test_compiled_training_matches_eager_and_compiles_once(tmp_path, monkeypatch
     for compile_training in (False, True):
         L.seed_everything(0)
         model = small_vae(compile_training=compile_training, kl_warmup_steps=5).train()
-        trainer = L.Trainer(
-            accelerator="cpu",
-            max_steps=4,
-            limit_val_batches=0,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=tmp_path,
-        )
+        trainer = quiet_trainer(tmp_path, max_steps=4, limit_val_batches=0)
         trainer.fit(model, datamodule=BinarizedMNIST(sample=True, batch_size=8))
         models.append(model)
     eager, compiled = (m.state_dict() for m in models)

@@ -4,6 +4,7 @@ end (single process and DDP), and the DDP ranks' configuration check."""
 
 import json
 import math
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -170,16 +171,15 @@ def test_a_bad_sweep_is_named_with_its_key(tmp_path, capsys, change, words):
     assert str(path) in err and all(w in err for w in words), err
 
 
-def test_a_failed_run_is_reported_and_the_others_still_run(tmp_path, capfd, monkeypatch):
-    """The runs are plain subprocesses (here a tiny script reading its ${args_json_file}):
-    run 2 fails, run 3 runs anyway, the summary names run 2 and the exit status is 1."""
+def job_sweep(tmp_path: Path, monkeypatch, body: str) -> Path:
+    """A grid of 3 runs (x = a, bad, c) of a tiny script, run in ``tmp_path``: each reads x
+    from its ${args_json_file}, runs ``body`` and fails if x is "bad"."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("WANDB_DIR", raising=False)  # the JSON files go to ./wandb/
     (tmp_path / "job.py").write_text(
-        "import json, pathlib, sys\n"
+        "import json, os, pathlib, sys, time\n"
         "x = json.loads(pathlib.Path(sys.argv[1]).read_text())['x']\n"
-        "pathlib.Path(f'ran-{x}').touch()\n"
-        "sys.exit(x == 'bad')\n"
+        f"{body}sys.exit(x == 'bad')\n"
     )
     config = {
         "program": "job.py",
@@ -187,8 +187,15 @@ def test_a_failed_run_is_reported_and_the_others_still_run(tmp_path, capfd, monk
         "parameters": {"x": {"values": ["a", "bad", "c"]}},
         "command": ["${env}", "${interpreter}", "${program}", "${args_json_file}"],
     }
+    return write(tmp_path, config, "job.yaml")
+
+
+def test_a_failed_run_is_reported_and_the_others_still_run(tmp_path, capfd, monkeypatch):
+    """The runs are plain subprocesses (here a tiny script reading its ${args_json_file}):
+    run 2 fails, run 3 runs anyway, the summary names run 2 and the exit status is 1."""
+    path = job_sweep(tmp_path, monkeypatch, "pathlib.Path(f'ran-{x}').touch()\n")
     with pytest.raises(SystemExit) as exit_:
-        sweep.main([str(write(tmp_path, config, "job.yaml"))])
+        sweep.main([str(path)])
     assert exit_.value.code == 1
     assert {p.name for p in tmp_path.glob("ran-*")} == {"ran-a", "ran-bad", "ran-c"}
     assert (tmp_path / "wandb" / "sweep-job" / "config-2.json").read_text() == '{"x": "bad"}'
@@ -200,12 +207,9 @@ def test_a_failed_run_is_reported_and_the_others_still_run(tmp_path, capfd, monk
 def test_parallel_runs_overlap_share_the_gpus_and_write_logs(tmp_path, capfd, monkeypatch):
     """--parallel 3 --gpus 0 1,2: the three runs run at the same time (each waits until all
     have started), the first two entries are taken once and the third run goes to the entry
-    with fewer runs, each run's output is in its log, and a failed run's summary quotes it."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("WANDB_DIR", raising=False)
-    (tmp_path / "job.py").write_text(
-        "import json, os, pathlib, sys, time\n"
-        "x = json.loads(pathlib.Path(sys.argv[1]).read_text())['x']\n"
+    with fewer runs, the CPU cores are split between the runs, each run's output is in its
+    log, and a failed run's summary quotes it."""
+    wait_for_all = (
         "pathlib.Path(f'started-{x}').touch()\n"
         "deadline = time.time() + 60\n"
         "while len(list(pathlib.Path().glob('started-*'))) < 3:\n"
@@ -213,18 +217,12 @@ def test_parallel_runs_overlap_share_the_gpus_and_write_logs(tmp_path, capfd, mo
         "        sys.exit('the runs did not overlap')\n"
         "    time.sleep(0.02)\n"
         "print(f'{x} on GPU', os.environ['CUDA_VISIBLE_DEVICES'])\n"
-        "sys.exit(x == 'bad')\n"
+        "pathlib.Path(f'threads-{x}').write_text(os.environ['OMP_NUM_THREADS'])\n"
     )
-    config = {
-        "program": "job.py",
-        "method": "grid",
-        "parameters": {"x": {"values": ["a", "bad", "c"]}},
-        "command": ["${env}", "${interpreter}", "${program}", "${args_json_file}"],
-    }
+    path = job_sweep(tmp_path, monkeypatch, wait_for_all)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     with pytest.raises(SystemExit) as exit_:
-        sweep.main(
-            [str(write(tmp_path, config, "job.yaml")), "--parallel", "3"] + ["--gpus", "0", "1,2"]
-        )
+        sweep.main([str(path), "--parallel", "3", "--gpus", "0", "1,2"])
     assert exit_.value.code == 1
     logs = {
         i: (tmp_path / "runs" / "sweep-logs" / "job" / f"run-{i}.log").read_text()
@@ -233,6 +231,8 @@ def test_parallel_runs_overlap_share_the_gpus_and_write_logs(tmp_path, capfd, mo
     gpus = sorted(log.split("on GPU ")[1].strip() for log in logs.values())
     assert gpus == ["0", "0", "1,2"], logs
     assert logs[2].startswith("bad on GPU")
+    threads = str(max(1, len(os.sched_getaffinity(0)) // 3))  # the cores, split 3 ways
+    assert {(tmp_path / f"threads-{x}").read_text() for x in ("a", "bad", "c")} == {threads}
     out = capfd.readouterr().out
     assert "run 2/3 failed (exit code 1)\n    bad on GPU" in out
     assert out.count(" finished") == 2
