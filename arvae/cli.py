@@ -44,7 +44,8 @@ class ArvaeCLI(LightningCLI):
             "--test_after_fit",
             type=bool,
             default=False,
-            help="After `fit`, test the best checkpoint (sweeps and the quick start do).",
+            help="After `fit`, test the best checkpoint, or the last one if no validation ran "
+            "(sweeps and the quick start do).",
         )
         parser.link_arguments(
             "data.data_shape", "model.init_args.image_shape", apply_on="instantiate"
@@ -89,9 +90,12 @@ class ArvaeCLI(LightningCLI):
         return trainer
 
     def after_fit(self) -> None:
+        """``test_after_fit``: test the best checkpoint, or the last one when no validation
+        ran to pick a best (a short run), so that the report names the weights it tested."""
         if self.config[self.subcommand].get("test_after_fit"):
-            best = self.trainer.checkpoint_callback.best_model_path
-            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
+            saved = self.trainer.checkpoint_callback
+            ckpt = (saved.best_model_path or saved.last_model_path) if saved else None
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt or None)
 
 
 def cli(args: list[str] | None = None) -> ArvaeCLI:

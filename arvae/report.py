@@ -103,7 +103,7 @@ def ledger_row(target: dict, reports: list[dict]) -> dict:
         "k": str(report.get("iwae_k")) if iwae else "ELBO",
         "steps": str(report.get("global_step", "")),
         "command": f"`{shlex.join(report['command'])}`" if report.get("command") else "",
-        "checkpoint": f"`{report.get('ckpt_path')}`",
+        "checkpoint": f"`{report['ckpt_path']}`" if report.get("ckpt_path") else "not saved",
     }
 
 

@@ -223,6 +223,23 @@ def test_fit_writes_checkpoints_and_tests_after_fit(fitted):
     assert [r.split(",")[0] for r in rows[1:]] == ["val", "test"]
 
 
+def test_a_run_too_short_to_validate_tests_its_last_checkpoint(tmp_path):
+    """No validation ran, so there is no best checkpoint: --test_after_fit tests last.ckpt
+    (the final weights) and the report names it, rather than an unnamed in-memory model."""
+    short = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "0"]
+    ok(
+        arvae(
+            "fit", *TINY_MODEL, *QUIET, *TINY_DATA, *short, "--test_after_fit", "true", cwd=tmp_path
+        )
+    )
+    (run,) = (tmp_path / "runs").glob("*/version_0")
+    assert not list(run.glob("checkpoints/best-*.ckpt"))
+    report = read_report(run)
+    tested = Path(tmp_path, report["ckpt_path"]).resolve()  # (relative to the run's cwd)
+    assert tested == (run / "checkpoints" / "last.ckpt").resolve()
+    assert report["global_step"] == 2
+
+
 def test_fit_records_versions_commit_and_command_with_the_checkpoints(fitted):
     from importlib.metadata import version
 
