@@ -46,11 +46,14 @@ def save_atomically(checkpoint: dict[str, Any], path: _PATH) -> None:
 
 
 def check_readable(path: _PATH) -> None:
-    """Raise :class:`CheckpointError` unless ``path`` is a whole torch.save archive: every
-    member present and matching its CRC (a truncated copy fails, and so does one with a
-    damaged byte, which torch.load might read without noticing). A file already verified
-    in this process, unchanged since, is not read again (the CLI checks a --ckpt_path
-    before LightningCLI reads it, and the trainer's checkpoint IO when it loads it)."""
+    """Raise :class:`CheckpointError` unless the local file ``path`` is a whole torch.save
+    archive: every member present and matching its CRC (a truncated copy fails, and so does
+    one with a damaged byte, which torch.load might read without noticing). Remote and
+    missing paths are left to Lightning's own errors. A file already verified in this
+    process, unchanged since, is not read again (the CLI checks a --ckpt_path before
+    LightningCLI reads it, and the trainer's checkpoint IO when it loads it)."""
+    if not (is_local(path) and Path(path).is_file()):
+        return
     stat = os.stat(path)
     verify_archive(str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
 
@@ -99,6 +102,5 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         save_atomically(checkpoint, path)
 
     def load_checkpoint(self, path: _PATH, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        if is_local(path) and Path(path).is_file():
-            check_readable(path)
+        check_readable(path)
         return super().load_checkpoint(path, *args, **kwargs)

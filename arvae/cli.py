@@ -11,7 +11,6 @@ arvae report runs/          # every tested run as one Markdown table
 import sys
 import warnings
 from importlib.resources import files
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -19,7 +18,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from arvae import report, resume, sweep
-from arvae.checkpoint_io import AtomicCheckpointIO, check_readable, is_local
+from arvae.checkpoint_io import AtomicCheckpointIO, check_readable
 from callbacks import (
     KLBreakdown,
     LossyCode,
@@ -74,7 +73,7 @@ class ArvaeCLI(LightningCLI):
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and is_local(ckpt_path) and Path(ckpt_path).is_file():
+        if ckpt_path:
             check_readable(ckpt_path)
 
     def before_instantiate_classes(self) -> None:
