@@ -9,7 +9,9 @@ protocol"): ``{stage}/nelbo`` (the negative ELBO), ``{stage}/recon`` (-log p(x|z
 ``{stage}/kl/<level>`` and, at test time, ``test/kl_bits/<level>`` (the same KL in bits per
 image: the code length of z) and ``test/nll_iwae`` (the importance-weighted bound
 with ``iwae_k`` samples; the exact NLL for models without latents). On 8-bit data the same
-bounds are also reported in bits per dimension: ``{stage}/bpd`` and ``test/bpd_iwae``.
+bounds are also reported in bits per dimension: ``{stage}/bpd`` and ``test/bpd_iwae``. Each
+test bound ``test/<b>`` comes with ``test/<b>_se``, the standard error of its mean over the
+test examples.
 """
 
 import functools
@@ -28,6 +30,9 @@ from torchmetrics import MeanMetric
 
 from .backbone import sample_autoregressive
 from .likelihoods import LIKELIHOODS, bits_per_dim
+from .metrics import StandardError
+
+BOUNDS = ("nelbo", "nll_iwae", "bpd", "bpd_iwae")  # the headline test numbers
 
 
 class ImageModel(L.LightningModule):
@@ -290,10 +295,16 @@ class ImageModel(L.LightningModule):
         )
 
     def _update(self, stage: str, name: str, values: torch.Tensor) -> None:
-        key = f"{stage}/{name}"
+        """Accumulate per-example values into ``{stage}/{name}`` (their mean) and, for the
+        test bounds, ``{stage}/{name}_se`` (the standard error of that mean)."""
+        self._accumulate(f"{stage}/{name}", values, MeanMetric, prog_bar=name in BOUNDS)
+        if stage == "test" and name in BOUNDS:
+            self._accumulate(f"{stage}/{name}_se", values, StandardError, prog_bar=False)
+
+    def _accumulate(self, key: str, values: torch.Tensor, kind: type, prog_bar: bool) -> None:
         mkey = key.replace("/", "__")
         if mkey not in self.metrics:
-            self.metrics[mkey] = MeanMetric().to(self.device)
+            self.metrics[mkey] = kind().to(self.device)
         metric = self.metrics[mkey]
         metric.update(values.float())
         self.log(
@@ -301,7 +312,7 @@ class ImageModel(L.LightningModule):
             metric,
             on_step=False,
             on_epoch=True,
-            prog_bar=name in ("nelbo", "nll_iwae", "bpd", "bpd_iwae"),
+            prog_bar=prog_bar,
             metric_attribute=f"metrics.{mkey}",
         )
 

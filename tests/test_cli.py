@@ -284,7 +284,8 @@ def test_report_tabulates_a_real_run(fitted, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3  # header, rule, one run
     cells = [c.strip() for c in lines[2].strip("|").split("|")]
-    assert cells[1:4] == ["PixelVAE", "4", f"{metrics['test/nelbo']:.2f}"]
+    nelbo = f"{metrics['test/nelbo']:.2f} ± {metrics['test/nelbo_se']:.2f}"
+    assert cells[1:4] == ["PixelVAE", "4", nelbo]
     assert cells[-2:] == ["4", "1000"]  # k, n_test
 
 

@@ -8,7 +8,9 @@ from test_cli import REPO
 from arvae.cli import main
 
 
-def write_run(path, layers: int, nelbo: float) -> None:
+def write_run(path, layers: int, nelbo: float, se: float | None = None) -> None:
+    """A run's test_metrics.json; with ``se``, the bounds' standard errors as well (runs
+    tested before arvae logged them have none)."""
     path.mkdir(parents=True)
     report = {
         "model": "PixelVAE",
@@ -22,19 +24,22 @@ def write_run(path, layers: int, nelbo: float) -> None:
             "test/nll_iwae": nelbo - 1.0,
         },
     }
+    if se is not None:
+        report["metrics"] |= {"test/nelbo_se": se, "test/nll_iwae_se": se / 2}
     (path / "test_metrics.json").write_text(json.dumps(report))
 
 
 def test_report_tabulates_every_run_sorted_by_column(tmp_path, capsys):
     write_run(tmp_path / "runs" / "version_1", 10, 80.5)
-    write_run(tmp_path / "runs" / "version_0", 2, 84.25)
+    write_run(tmp_path / "runs" / "version_0", 2, 84.25, se=0.5)
     out = tmp_path / "table.md"
     main(["report", str(tmp_path / "runs"), "--columns", "n_pixelcnn_layers", "--out", str(out)])
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == (
         "| run | model | n_pixelcnn_layers | nelbo | recon | kl | nll_iwae | k | n_test |"
     )
-    assert "| PixelVAE | 2 | 84.25 | 82.25 | 2.00 | 83.25 | 5000 | 10000 |" in lines[2]
+    with_se = "| PixelVAE | 2 | 84.25 ± 0.50 | 82.25 | 2.00 | 83.25 ± 0.25 | 5000 | 10000 |"
+    assert with_se in lines[2]
     assert "| PixelVAE | 10 | 80.50 | 78.50 | 2.00 | 79.50 | 5000 | 10000 |" in lines[3]
     assert out.read_text().strip() == "\n".join(lines)
 
@@ -50,7 +55,7 @@ LEDGER = REPO / "experiments" / "ledger.yaml"
 def test_ledger_fills_each_paper_number_from_the_newest_run_of_its_name(tmp_path, capsys):
     runs = tmp_path / "runs" / "gated_pixelvae_no_upsampling"
     for version, (nll, finished) in enumerate([(80.0, "2026-01-01"), (79.1, "2026-02-01")]):
-        write_run(runs / f"version_{version}", 13, nll + 1.0)
+        write_run(runs / f"version_{version}", 13, nll + 1.0, se=0.42)
         path = runs / f"version_{version}" / "test_metrics.json"
         report = json.loads(path.read_text())
         report.update(
@@ -78,7 +83,7 @@ def test_ledger_fills_each_paper_number_from_the_newest_run_of_its_name(tmp_path
     assert len(rows) == len(targets)
     (filled,) = [r for r in rows if "not run" not in r and r != af_vae]
     assert "Gated PixelVAE w/o upsampling" in filled and "≈ 78.96 (≤ 79.58)" in filled
-    assert "| 79.10 | 5000 | 200000 | `arvae test -c 'a b.yaml'` |" in filled
+    assert "| 79.10 ± 0.21 | 5000 | 200000 | `arvae test -c 'a b.yaml'` |" in filled
     assert "version_1/checkpoints/last.ckpt" in filled
 
 
