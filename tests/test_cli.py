@@ -382,3 +382,20 @@ def test_vlae_fit_and_test_with_the_paper_config(tmp_path):
     assert m["test/kl_bits/z"] == pytest.approx(m["test/kl/z"] / math.log(2), rel=1e-5)
     samples = {p.name for p in (run / "samples").iterdir()}
     assert {"samples_test.png", "decompressions_test.png"} <= samples
+
+
+def test_progress_bar_written_to_a_file_redraws_every_50_batches(tmp_path):
+    """stdout is a file here, as in a SLURM or sweep log: the training bar of a 3-batch
+    epoch is drawn at its end only, not after each batch; TQDM_MINITERS set by the user
+    wins (1: after each batch, which also shows the test can see the difference)."""
+    fit = ("fit", *TINY_MODEL, *TINY_DATA, "--trainer.max_epochs", "1",
+           "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "0",
+           "--samples.every_n_epochs", "0", "--noise_variation.every_n_epochs", "0")  # fmt: skip
+    default_env = {k: v for k, v in cli_env().items() if k != "TQDM_MINITERS"}
+    runs = []
+    for name, env in (("default", default_env), ("user", cli_env(TQDM_MINITERS="1"))):
+        (tmp_path / name).mkdir()
+        runs.append(spawn(*fit, cwd=tmp_path / name, env=env))
+    default, user = (ok(r) for r in finish(runs, timeout=240))
+    assert "Epoch 0: 100%" in default.stdout and "1/3" not in default.stdout
+    assert "1/3" in user.stdout and "2/3" in user.stdout
