@@ -13,13 +13,13 @@ from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from datamodules.base import EVAL_ORDER_SEED, eval_order
 from datamodules.binarized_mnist import STATIC_NPZ
 
-SUBSET_SEED = 0  # the test subset does not change with --seed: every run sees the same images
+SUBSET_SEED = EVAL_ORDER_SEED  # the test subset does not change with --seed
 
 
 def cpu_flags() -> tuple[str, set[str]]:
@@ -174,10 +174,10 @@ def data_root(path: str) -> tuple[str, tempfile.TemporaryDirectory | None]:
 
 
 def test_subset(dataset, n: int) -> Subset:
-    """The first n of a fixed permutation: a class-balanced-in-expectation random subset
-    (the file is sorted by class), nested across n and identical across runs."""
-    order = np.random.default_rng(SUBSET_SEED).permutation(len(dataset))
-    return Subset(dataset, order[:n].tolist())
+    """The first n test images in the CLI's evaluation order (:func:`eval_order`): a random
+    subset (the file is sorted by class), nested across n, identical across runs and equal
+    to what ``arvae test --trainer.limit_test_batches`` evaluates."""
+    return Subset(dataset, eval_order(dataset).indices[:n])
 
 
 def timed_trainer(minutes: float, precision: str, callbacks: list[L.Callback]) -> L.Trainer:

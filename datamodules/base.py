@@ -1,5 +1,8 @@
 """The common base of every datamodule: loaders yielding `(x, index)`, correct under DDP.
 
+Validation and test loaders run through each split in one fixed random order
+(:func:`eval_order`), so that a limited evaluation is a random sample of the split.
+
 `index` is each example's position in its split: models seed per-example evaluation noise
 with it, so metrics do not depend on batch size, order or the number of ranks.
 """
@@ -12,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from .download import Source, download
 
@@ -80,6 +83,22 @@ class ResumableLoader(DataLoader):
             epoch, done = epoch + 1, 0
         self.sampler.set_epoch(epoch)
         self.sampler.skip = done * self.batch_size
+
+
+EVAL_ORDER_SEED = 0
+
+
+def eval_order(dataset: Dataset) -> Subset:
+    """The split in one fixed random order, the same for every run, model and seed.
+
+    The files are not in random order (binarized MNIST's test set is sorted by class), so
+    the first n examples, which ``limit_val_batches`` / ``limit_test_batches`` evaluate,
+    would be a biased subset; in this order every prefix is a random sample of the split,
+    nested in the longer ones. Examples keep their index, and with it their evaluation
+    noise, so a full pass gives the same metrics in any order.
+    """
+    order = np.random.default_rng(EVAL_ORDER_SEED).permutation(len(dataset))
+    return Subset(dataset, order.tolist())
 
 
 def world() -> tuple[int, int]:
@@ -171,8 +190,9 @@ class ImageDataModule(L.LightningDataModule):
         return self._eval_loader(self.test_set)
 
     def _eval_loader(self, dataset: Dataset) -> DataLoader:
-        """In order; under DDP each example goes to exactly one rank (no padding duplicates,
-        which would count twice in the metrics)."""
+        """In :func:`eval_order`; under DDP each example goes to exactly one rank (no padding
+        duplicates, which would count twice in the metrics)."""
+        dataset = eval_order(dataset)
         size, rank = world()
         sampler = None
         if size > 1:

@@ -14,6 +14,7 @@ from tiny_data import TinyBinary, TinyColour
 
 from callbacks import KLBreakdown, NoiseVariation, SampleGrid, TestReport
 from callbacks.images import image_grid
+from datamodules.base import eval_order
 from datamodules.binarized_mnist import load_sample
 from lightning_modules import HierarchicalPixelVAE, PixelVAE
 
@@ -106,6 +107,13 @@ def test_image_grid_rgb_and_padding_width():
 
 
 # ------------------------------------------------------------------------------ SampleGrid
+def first_evaluated(data: TinyBinary, split: str, n: int) -> np.ndarray:
+    """The first n images that validation / test see of the datamodule's split (the
+    reconstructions' originals): the split in its evaluation order."""
+    images = load_sample()[split][: data.sizes[split]]
+    return images[eval_order(images).indices[:n]]
+
+
 def test_sample_grid_every_n_epochs_and_after_test(tmp_path):
     grid_cb = SampleGrid(every_n_epochs=2, n_samples=4, n_reconstructions=2, ncols=2)
     t = trainer(tmp_path, [grid_cb], max_epochs=4)
@@ -119,7 +127,6 @@ def test_sample_grid_every_n_epochs_and_after_test(tmp_path):
         for kind in ("reconstructions", "samples")
         for tag in ("epoch0001", "epoch0003", "test")
     ]
-    sample = load_sample()
     for tag, split in (("epoch0003", "valid"), ("test", "test")):
         samples = np.asarray(Image.open(out / f"samples_{tag}.png"))
         assert samples.shape == (2 * CELL, 2 * CELL)  # 4 samples in 2 rows of 2
@@ -128,7 +135,7 @@ def test_sample_grid_every_n_epochs_and_after_test(tmp_path):
 
         recon = np.asarray(Image.open(out / f"reconstructions_{tag}.png"))
         assert recon.shape == (2 * CELL, 2 * CELL)  # 2 (original, reconstruction) rows
-        originals = sample[split][:2] * 255  # the first images of the split
+        originals = first_evaluated(data, split, 2) * 255
         images = cells(recon, 2)
         for i in range(2):
             np.testing.assert_array_equal(images[2 * i], originals[i])
@@ -151,7 +158,7 @@ def test_sample_grid_real_reconstructions_and_test_only(tmp_path):
     recon = np.asarray(Image.open(out / "reconstructions_test.png"))
     assert recon.shape == (2 * CELL, 4 * CELL)  # 3 pairs, 2 per row
     images = cells(recon, 4)
-    originals = load_sample()["test"][:3] * 255
+    originals = first_evaluated(data, "test", 3) * 255
     for i in range(3):
         np.testing.assert_array_equal(images[2 * i], originals[i])
         assert set(np.unique(images[2 * i + 1])) <= {0, 255}

@@ -64,8 +64,11 @@ def test_sample_loads_with_splits_and_indexed_binary_batches() -> None:
     assert len(dm.train_dataloader()) == 4000 // 32  # drop_last
 
     batches = list(dm.test_dataloader())
-    assert torch.cat([i for _, i in batches]).tolist() == list(range(1000))
+    order = torch.cat([i for _, i in batches]).tolist()
+    assert sorted(order) == list(range(1000)) and order != list(range(1000))  # eval_order
     assert 0.10 < torch.cat([x for x, _ in batches]).mean() < 0.16  # MNIST: ~13% ones
+    for x, index in batches[:3]:  # every example carries its index in the file
+        torch.testing.assert_close(x, torch.stack([dm.test_set[int(i)][0] for i in index]))
 
 
 def test_arguments_are_checked() -> None:
@@ -306,6 +309,31 @@ class Tiny(ImageDataModule):
     def setup(self, stage: str) -> None:
         images = torch.zeros(7, 1, 2, 2, dtype=torch.uint8)
         self.train_set = self.val_set = self.test_set = IndexedImages(images)
+
+
+class SortedByClass(ImageDataModule):
+    """A split sorted by class, as binarized MNIST's test file is: 100 zeros, 100 ones."""
+
+    data_shape = (1, 2, 2)
+    data_kind = "binary"
+
+    def setup(self, stage: str) -> None:
+        images = torch.zeros(200, 1, 2, 2, dtype=torch.uint8)
+        images[100:] = 1
+        self.train_set = self.val_set = self.test_set = IndexedImages(images)
+
+
+def test_limited_evaluation_is_a_random_sample_of_a_sorted_split() -> None:
+    """What limit_val_batches / limit_test_batches evaluate, the loaders' first batches, is a
+    random sample of the split (not its first class), the same in every datamodule."""
+    dm, again = SortedByClass(eval_batch_size=20), SortedByClass(eval_batch_size=50)
+    dm.setup("test")
+    again.setup("test")
+    for loader in (dm.val_dataloader(), dm.test_dataloader()):
+        first, _ = next(iter(loader))
+        assert 5 <= int(first.amax(dim=(1, 2, 3)).sum()) <= 15, "a prefix holds both classes"
+    prefix = [i for _, index in dm.test_dataloader() for i in index.tolist()][:50]
+    assert next(iter(again.test_dataloader()))[1].tolist() == prefix  # one fixed order
 
 
 def test_eval_loaders_partition_the_set_across_ranks(monkeypatch) -> None:
