@@ -7,6 +7,7 @@ import os
 import signal
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from jsonargparse import Namespace
@@ -15,7 +16,10 @@ from torch.utils.data import TensorDataset
 
 from arvae.checkpoint_io import AtomicCheckpointIO, CheckpointError, save_atomically
 from arvae.resume import continue_run
+from callbacks import RunCheckpoint
 from datamodules.base import EpochSampler, ResumableLoader
+from lightning_modules import PixelVAE
+from tests.tiny_data import TinyBinary
 
 # 64 training images in batches of 16: 4 steps an epoch; 10 steps cross two epoch ends. No
 # validation before step 20, so every checkpoint comes from every_n_train_steps.
@@ -123,6 +127,48 @@ def test_kill_9_mid_epoch_then_ckpt_path_last_gives_the_uninterrupted_result(
     assert "--ckpt_path" in record["argv"]
     (first,) = record["earlier_attempts"]
     assert "--ckpt_path" not in first["argv"]
+
+
+class LastCheckpointSteps(L.Callback):
+    """Before each training step: the step last.ckpt holds, if any."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.seen = path, []
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        if self.path.is_file():
+            saved = torch.load(self.path, map_location="cpu", weights_only=False)["global_step"]
+            self.seen.append((trainer.global_step, saved))
+
+
+@pytest.mark.parametrize(
+    "every, schedule",
+    [
+        (4, dict(check_val_every_n_epoch=1)),  # at each epoch end (4 steps an epoch)
+        (2, dict(val_check_interval=2)),  # mid-epoch, every 2 steps
+        (8, dict(check_val_every_n_epoch=2)),  # at every other epoch end
+    ],
+)
+def test_last_checkpoint_follows_every_validation_on_a_plateau(tmp_path, every, schedule):
+    """With lr 0 the validation -ELBO never improves after the first validation, so upstream
+    (which copies last.ckpt only beside a new best) would leave last.ckpt at that first step
+    and a crash would lose every step since. It must move to each validation's step."""
+    torch.manual_seed(0)
+    model = PixelVAE(latent_dim=4, n_pixelcnn_layers=0, lr=0.0)
+    ckpts = tmp_path / "checkpoints"
+    checkpoint = RunCheckpoint(dirpath=ckpts, monitor="val/nelbo", save_last=True)
+    probe = LastCheckpointSteps(ckpts / "last.ckpt")
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=3 * every, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path,
+        callbacks=[checkpoint, probe], **schedule,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=TinyBinary(n_train=64, n_val=16, batch_size=16))
+    assert len(list(ckpts.glob("epoch=*.ckpt"))) == 1  # one best: no later one improved on it
+    # from the first validation on, before each step: last.ckpt holds the latest validation's
+    assert probe.seen == [(step, step // every * every) for step in range(every, 3 * every)]
+    final = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)
+    assert final["global_step"] == 3 * every  # and the end of training
 
 
 def test_ckpt_path_last_without_a_checkpoint_starts_the_run(tmp_path):
