@@ -12,6 +12,7 @@ import os
 import sys
 import warnings
 from importlib.resources import files
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -72,11 +73,31 @@ class ArvaeCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         """Parse, then reject a damaged --ckpt_path with a clear error before LightningCLI
         reads its hyper-parameters (which would fail with a bare zip-reader error)."""
+        self._args = args  # kept to parse again over the checkpoint's hyper-parameters
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path:
             check_readable(ckpt_path)
+
+    def _parse_ckpt_path(self) -> None:
+        """The model hyper-parameters of ``--ckpt_path`` as defaults under the command line and
+        the config files. Lightning 2.6 merges them over both (its issue #20801), so that
+        ``arvae test --ckpt_path X --model.init_args.iwae_k 5000`` silently used X's ``iwae_k``."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not (ckpt_path and Path(ckpt_path).is_file()):
+            return  # none, or `last` (resolved later, by resume.continue_run)
+        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get(
+            "hyper_parameters", {}
+        )
+        hparams.pop("_instantiator", None)
+        class_path = hparams.pop("_class_path", None)
+        if class_path is None:
+            return  # not saved by LightningCLI: nothing to parse
+        model = {"class_path": class_path, "init_args": hparams}
+        self._subcommand_parsers[subcommand].set_defaults({"model": model})
+        self.parse_arguments(self.parser, self._args)
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand == "fit":
