@@ -12,6 +12,7 @@ import pytest
 import torch
 from jsonargparse import Namespace
 from test_cli import QUIET, REPO, TINY_MODEL, arvae, cli_env, finish, ok, read_report, spawn
+from tiny_data import TinyBinary
 from torch.utils.data import TensorDataset
 
 from arvae.checkpoint_io import AtomicCheckpointIO, CheckpointError, save_atomically
@@ -19,7 +20,6 @@ from arvae.resume import continue_run
 from callbacks import RunCheckpoint
 from datamodules.base import EpochSampler, ResumableLoader
 from lightning_modules import PixelVAE
-from tests.tiny_data import TinyBinary
 
 # 64 training images in batches of 16: 4 steps an epoch; 10 steps cross two epoch ends. No
 # validation before step 20, so every checkpoint comes from every_n_train_steps.
