@@ -211,14 +211,22 @@ def test_compiled_training_matches_eager_and_compiles_once(tmp_path, monkeypatch
     monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     torch._dynamo.reset()
     counters.clear()
-    models = []
+    steps, updates = 4, []
     for compile_training in (False, True):
         L.seed_everything(0)
         model = small_vae(compile_training=compile_training, kl_warmup_steps=5).train()
-        trainer = quiet_trainer(tmp_path, max_steps=4, limit_val_batches=0)
+        start = {k: v.clone() for k, v in model.state_dict().items()}
+        trainer = quiet_trainer(tmp_path, max_steps=steps, limit_val_batches=0)
         trainer.fit(model, datamodule=BinarizedMNIST(sample=True, batch_size=8))
-        models.append(model)
-    eager, compiled = (m.state_dict() for m in models)
+        updates.append({k: v - start[k] for k, v in model.state_dict().items()})
+    eager, compiled = updates
     assert list(eager) == list(compiled)
-    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    # Compared as updates. Fused kernels sum in another order, and Adam divides each
+    # gradient by its own scale, so where a gradient is tiny that rounding can move a weight
+    # by a fraction of its step (up to lr per step): at most 0.4% of steps x lr seen (on
+    # an Intel Xeon; AMD EPYC rounded closer). Other noise (no fallback_random) moves them
+    # by 2x steps x lr and the updates' difference is 67% of their norm, not 0.001%.
+    difference = sum(float((compiled[k] - eager[k]).pow(2).sum()) for k in eager)
+    assert math.sqrt(difference / sum(float(u.pow(2).sum()) for u in eager.values())) < 1e-3
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0.025 * steps * model.lr)
     assert counters["stats"]["unique_graphs"] == 1
