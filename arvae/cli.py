@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from arvae import report, resume, sweep
 from arvae.checkpoint_io import AtomicCheckpointIO, check_readable
@@ -34,6 +35,7 @@ from datamodules import ImageDataModule
 from lightning_modules import ImageModel
 
 QUICKSTART_CONFIG = files("arvae") / "configs" / "quickstart.yaml"
+LINKED = ("image_shape", "data_kind")  # model options the CLI links from the datamodule
 LOG_FILE_REFRESH_BATCHES = 50  # progress-bar redraws when stdout is not a terminal
 
 
@@ -98,6 +100,12 @@ class ArvaeCLI(LightningCLI):
         model = {"class_path": class_path, "init_args": hparams}
         self._subcommand_parsers[subcommand].set_defaults({"model": model})
         self.parse_arguments(self.parser, self._args)
+        changed = overridden(self.config[subcommand].model, model)
+        if changed:  # wanted for evaluation options; for the architecture, loading will fail
+            rank_zero_warn(
+                f"--ckpt_path {ckpt_path}: the command line or config files set these model"
+                f" options, not the checkpoint's (in brackets): {', '.join(changed)}"
+            )
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand == "fit":
@@ -118,6 +126,22 @@ class ArvaeCLI(LightningCLI):
             saved = self.trainer.checkpoint_callback
             ckpt = (saved.best_model_path or saved.last_model_path) if saved else None
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt or None)
+
+
+def overridden(model, saved: dict) -> list[str]:
+    """``key = value (saved)`` for each model option (and the class) that differs from the
+    checkpoint's; the data-linked ``image_shape`` and ``data_kind`` are set later, so skipped."""
+
+    def plain(value):  # YAML and the checkpoint disagree on tuples vs lists
+        return [plain(v) for v in value] if isinstance(value, tuple | list) else value
+
+    given = {"class_path": model.class_path, **vars(model.get("init_args") or {})}
+    saved = {"class_path": saved["class_path"], **saved["init_args"]}
+    return [
+        f"{key} = {given[key]} ({value})"
+        for key, value in saved.items()
+        if key in given and key not in LINKED and plain(given[key]) != plain(value)
+    ]
 
 
 def cli(args: list[str] | None = None) -> ArvaeCLI:

@@ -280,12 +280,13 @@ def test_test_from_checkpoint_round_trip(fitted, tmp_path):
 def test_options_given_with_ckpt_path_win_over_the_checkpoints(fitted, tmp_path):
     """`arvae test --ckpt_path X --model.init_args.iwae_k 2` tests with k = 2, not the k = 4
     the checkpoint was trained with (Lightning 2.6 merged the checkpoint's hyper-parameters
-    over the command line); options given nowhere, the architecture too, come from X."""
+    over the command line), and says so; options given nowhere, the architecture too, come
+    from X."""
     ckpt = str(fitted / "checkpoints" / "last.ckpt")
     data = [*SAMPLE_DATA, "--trainer.limit_test_batches", "1", *QUIET]
     for k, given in (("2", ["--model.init_args.iwae_k", "2"]), ("4", [])):
         name = f"k{k}"
-        ok(
+        result = ok(
             arvae(
                 "test", "--model.class_path", "lightning_modules.PixelVAE", *given, *data,
                 "--ckpt_path", ckpt, "--trainer.logger.init_args.name", name, cwd=tmp_path,
@@ -294,6 +295,8 @@ def test_options_given_with_ckpt_path_win_over_the_checkpoints(fitted, tmp_path)
         report = read_report(tmp_path / "runs" / name / "version_0")
         assert report["iwae_k"] == int(k), report
         assert report["hparams"]["latent_dim"] == 4  # the checkpoint's, not the default 16
+        said = "set these model options, not the checkpoint's (in brackets): iwae_k = 2 (4)"
+        assert (said in result.stderr) == bool(given), result.stderr[-3000:]
 
 
 def test_report_tabulates_a_real_run(fitted, capsys):
