@@ -19,8 +19,19 @@ class RunCheckpoint(ModelCheckpoint):
     - it is written again when training stops between two saves (``max_steps`` or
       ``max_time`` reached mid-epoch): upstream does so only if it never saved one.
 
-    A save that upstream already made at the same step is not repeated.
+    A save that upstream already made at the same step is not repeated. ``save_last:
+    link`` is refused: upstream then makes ``last.ckpt`` a link to the newest top-k file,
+    which on a plateau holds older weights, and a save through that link would overwrite it.
     """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.save_last == "link":
+            raise ValueError(
+                "checkpoint.save_last: link makes last.ckpt a link to the newest best-* file,"
+                " older than the newest weights when validation stops improving, so"
+                " --ckpt_path last would resume from it; use save_last: true (the default)."
+            )
+        super().setup(trainer, pl_module, stage)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

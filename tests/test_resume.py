@@ -171,6 +171,17 @@ def test_last_checkpoint_follows_every_validation_on_a_plateau(tmp_path, every, 
     assert final["global_step"] == 3 * every  # and the end of training
 
 
+def test_last_checkpoint_as_a_link_is_refused(tmp_path):
+    """save_last: link would make last.ckpt point at an older best-* file on a plateau."""
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
+        callbacks=[RunCheckpoint(dirpath=tmp_path, save_last="link")], default_root_dir=tmp_path,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="save_last: link .* use save_last: true"):
+        trainer.fit(PixelVAE(latent_dim=4, n_pixelcnn_layers=0), datamodule=TinyBinary())
+    assert not list(tmp_path.glob("*.ckpt"))
+
+
 def test_ckpt_path_last_without_a_checkpoint_starts_the_run(tmp_path):
     """A job script can always pass --ckpt_path last: the first launch simply starts."""
     result = ok(arvae("fit", *RUN, "--trainer.max_steps", "2", "--ckpt_path", "last", cwd=tmp_path))
