@@ -99,7 +99,15 @@ class ArvaeCLI(LightningCLI):
             return  # not saved by LightningCLI: nothing to parse
         model = {"class_path": class_path, "init_args": hparams}
         self._subcommand_parsers[subcommand].set_defaults({"model": model})
-        self.parse_arguments(self.parser, self._args)
+        try:
+            self.parse_arguments(self.parser, self._args)
+        except SystemExit:
+            sys.stderr.write(
+                f"--ckpt_path {ckpt_path}: the model options saved in this checkpoint do not"
+                " parse (error above) with this version of arvae: use the version that"
+                " trained it (the git commit in the checkpoint's run record).\n"
+            )
+            raise
         changed = overridden(self.config[subcommand].model, model)
         if changed:  # wanted for evaluation options; for the architecture, loading will fail
             rank_zero_warn(

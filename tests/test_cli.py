@@ -299,6 +299,22 @@ def test_options_given_with_ckpt_path_win_over_the_checkpoints(fitted, tmp_path)
         assert (said in result.stderr) == bool(given), result.stderr[-3000:]
 
 
+def test_a_checkpoint_whose_options_do_not_parse_is_named(fitted, tmp_path):
+    """A checkpoint saved with an option this version does not know fails with its path."""
+    import torch
+
+    ckpt = torch.load(fitted / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt["hyper_parameters"]["retired_option"] = 3
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    result = arvae(
+        "test", "--model.class_path", "lightning_modules.PixelVAE", *SAMPLE_DATA,
+        "--ckpt_path", str(tmp_path / "old.ckpt"), cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "retired_option" in result.stderr
+    assert f"--ckpt_path {tmp_path / 'old.ckpt'}: the model options saved" in result.stderr
+
+
 def test_report_tabulates_a_real_run(fitted, capsys):
     """`arvae report` reads the test_metrics.json that the pipeline really writes."""
     metrics = read_report(fitted)["metrics"]
