@@ -73,47 +73,56 @@ class ArvaeCLI(LightningCLI):
         parser.add_lightning_class_args(RunRecord, "run_record")
 
     def parse_arguments(self, parser, args) -> None:
-        """Parse, then reject a damaged --ckpt_path with a clear error before LightningCLI
-        reads its hyper-parameters (which would fail with a bare zip-reader error)."""
-        self._args = args  # kept to parse again over the checkpoint's hyper-parameters
-        super().parse_arguments(parser, args)
-        subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path:
-            check_readable(ckpt_path)
+        """Parse with the model and data saved in a ``--ckpt_path`` on the command line as
+        defaults (see :meth:`_parse_ckpt_path`), so ``arvae test --ckpt_path X`` needs no
+        config; a damaged checkpoint is rejected with a clear error before it is read."""
+        self._args, self._defaults_from = args, None
+        argv = sys.argv[1:] if args is None else args
+        path = option_value(argv, "--ckpt_path") if isinstance(argv, list) else None
+        if path and argv[0] in self._subcommand_parsers and Path(path).is_file():
+            self._use_checkpoint_defaults(argv[0], path)
+        self._parse(parser, args)
 
     def _parse_ckpt_path(self) -> None:
-        """The model hyper-parameters of ``--ckpt_path`` as defaults under the command line and
-        the config files. Lightning 2.6 merges them over both (its issue #20801), so that
-        ``arvae test --ckpt_path X --model.init_args.iwae_k 5000`` silently used X's ``iwae_k``."""
+        """The model and data hyper-parameters of ``--ckpt_path`` are defaults under the
+        config files and the command line. Lightning 2.6 merges them over both (its issue
+        #20801), so ``arvae test --ckpt_path X --model.init_args.iwae_k 5000`` silently used
+        X's ``iwae_k``. A ckpt_path given in a config file is known only now: parse again."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not (ckpt_path and Path(ckpt_path).is_file()):
             return  # none, or `last` (resolved later, by resume.continue_run)
-        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get(
-            "hyper_parameters", {}
-        )
-        hparams.pop("_instantiator", None)
-        class_path = hparams.pop("_class_path", None)
-        if class_path is None:
-            return  # not saved by LightningCLI: nothing to parse
-        model = {"class_path": class_path, "init_args": hparams}
-        self._subcommand_parsers[subcommand].set_defaults({"model": model})
-        try:
-            self.parse_arguments(self.parser, self._args)
-        except SystemExit:
-            sys.stderr.write(
-                f"--ckpt_path {ckpt_path}: the model options saved in this checkpoint do not"
-                " parse (error above) with this version of arvae: use the version that"
-                " trained it (the git commit in the checkpoint's run record).\n"
-            )
-            raise
-        changed = overridden(self.config[subcommand].model, model)
+        if ckpt_path != self._defaults_from:
+            self._use_checkpoint_defaults(subcommand, ckpt_path)
+            self._parse(self.parser, self._args)
+        saved = self._saved.get("model")
+        changed = overridden(self.config[subcommand].model, saved) if saved else []
         if changed:  # wanted for evaluation options; for the architecture, loading will fail
             rank_zero_warn(
                 f"--ckpt_path {ckpt_path}: the command line or config files set these model"
                 f" options, not the checkpoint's (in brackets): {', '.join(changed)}"
             )
+
+    def _use_checkpoint_defaults(self, subcommand: str, ckpt_path: str) -> None:
+        check_readable(ckpt_path)
+        self._saved, self._defaults_from = saved_classes(ckpt_path), ckpt_path
+        self._subcommand_parsers[subcommand].set_defaults(self._saved)
+
+    def _parse(self, parser, args) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except SystemExit:
+            if self._defaults_from:
+                sys.stderr.write(
+                    f"--ckpt_path {self._defaults_from}: if the error above is about options"
+                    " saved in this checkpoint, they do not parse with this version of arvae:"
+                    " use the version that trained it (the git commit in its run record).\n"
+                )
+            raise
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path:
+            check_readable(ckpt_path)
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand == "fit":
@@ -134,6 +143,30 @@ class ArvaeCLI(LightningCLI):
             saved = self.trainer.checkpoint_callback
             ckpt = (saved.best_model_path or saved.last_model_path) if saved else None
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt or None)
+
+
+def option_value(argv: list[str], option: str) -> str | None:
+    """The value of ``--option value`` or ``--option=value`` in a command line, if given."""
+    for i, arg in enumerate(argv):
+        if arg == option and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(option + "="):
+            return arg[len(option) + 1 :]
+    return None
+
+
+def saved_classes(ckpt_path: str) -> dict:
+    """``{"model": ..., "data": ...}`` as class_path + init_args, from the hyper-parameters
+    LightningCLI saved in a checkpoint (either is missing if it was not saved that way)."""
+    ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+    found = {}
+    for key, hparams in (("model", "hyper_parameters"), ("data", "datamodule_hyper_parameters")):
+        init_args = dict(ckpt.get(hparams) or {})
+        init_args.pop("_instantiator", None)
+        class_path = init_args.pop("_class_path", None)
+        if class_path is not None:
+            found[key] = {"class_path": class_path, "init_args": init_args}
+    return found
 
 
 def overridden(model, saved: dict) -> list[str]:

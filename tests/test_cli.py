@@ -280,21 +280,22 @@ def test_test_from_checkpoint_round_trip(fitted, tmp_path):
 def test_options_given_with_ckpt_path_win_over_the_checkpoints(fitted, tmp_path):
     """`arvae test --ckpt_path X --model.init_args.iwae_k 2` tests with k = 2, not the k = 4
     the checkpoint was trained with (Lightning 2.6 merged the checkpoint's hyper-parameters
-    over the command line), and says so; options given nowhere, the architecture too, come
-    from X."""
+    over the command line), and says so; what is given nowhere, the architecture and the
+    data included, comes from X, so no config is needed."""
     ckpt = str(fitted / "checkpoints" / "last.ckpt")
-    data = [*SAMPLE_DATA, "--trainer.limit_test_batches", "1", *QUIET]
     for k, given in (("2", ["--model.init_args.iwae_k", "2"]), ("4", [])):
         name = f"k{k}"
         result = ok(
             arvae(
-                "test", "--model.class_path", "lightning_modules.PixelVAE", *given, *data,
-                "--ckpt_path", ckpt, "--trainer.logger.init_args.name", name, cwd=tmp_path,
+                "test", "--ckpt_path", ckpt, *given, "--trainer.limit_test_batches", "2",
+                *QUIET, "--trainer.logger.init_args.name", name, cwd=tmp_path,
             )
         )  # fmt: skip
         report = read_report(tmp_path / "runs" / name / "version_0")
         assert report["iwae_k"] == int(k), report
         assert report["hparams"]["latent_dim"] == 4  # the checkpoint's, not the default 16
+        assert report["datamodule"] == "BinarizedMNIST" and report["data"]["sample"] is True
+        assert report["n_test_examples"] == 500  # two batches of the fit's eval batch size
         said = "set these model options, not the checkpoint's (in brackets): iwae_k = 2 (4)"
         assert (said in result.stderr) == bool(given), result.stderr[-3000:]
 
@@ -306,13 +307,10 @@ def test_a_checkpoint_whose_options_do_not_parse_is_named(fitted, tmp_path):
     ckpt = torch.load(fitted / "checkpoints" / "last.ckpt", weights_only=False)
     ckpt["hyper_parameters"]["retired_option"] = 3
     torch.save(ckpt, tmp_path / "old.ckpt")
-    result = arvae(
-        "test", "--model.class_path", "lightning_modules.PixelVAE", *SAMPLE_DATA,
-        "--ckpt_path", str(tmp_path / "old.ckpt"), cwd=tmp_path,
-    )  # fmt: skip
+    result = arvae("test", "--ckpt_path", str(tmp_path / "old.ckpt"), cwd=tmp_path)
     assert result.returncode != 0
     assert "retired_option" in result.stderr
-    assert f"--ckpt_path {tmp_path / 'old.ckpt'}: the model options saved" in result.stderr
+    assert f"--ckpt_path {tmp_path / 'old.ckpt'}: if the error above" in result.stderr
 
 
 def test_report_tabulates_a_real_run(fitted, capsys):
