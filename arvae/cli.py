@@ -104,11 +104,14 @@ class ArvaeCLI(LightningCLI):
             )
 
     def _use_checkpoint_defaults(self, subcommand: str, ckpt_path: str) -> None:
+        """The model and data saved in ``ckpt_path`` become the subcommand's defaults."""
         check_readable(ckpt_path)
         self._saved, self._defaults_from = saved_classes(ckpt_path), ckpt_path
         self._subcommand_parsers[subcommand].set_defaults(self._saved)
 
     def _parse(self, parser, args) -> None:
+        """LightningCLI's parse, naming the checkpoint whose defaults may have failed it, then
+        the damaged-checkpoint check of the ckpt_path it resolved."""
         try:
             super().parse_arguments(parser, args)
         except SystemExit:
