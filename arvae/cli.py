@@ -31,6 +31,7 @@ from callbacks import (
     SampleGrid,
     TestReport,
 )
+from callbacks.test_report import json_safe
 from datamodules import ImageDataModule
 from lightning_modules import ImageModel
 
@@ -88,8 +89,7 @@ class ArvaeCLI(LightningCLI):
         config files and the command line. Lightning 2.6 merges them over both (its issue
         #20801), so ``arvae test --ckpt_path X --model.init_args.iwae_k 5000`` silently used
         X's ``iwae_k``. A ckpt_path given in a config file is known only now: parse again."""
-        subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        subcommand, ckpt_path = self._ckpt_path()
         if not (ckpt_path and Path(ckpt_path).is_file()):
             return  # none, or `last` (resolved later, by resume.continue_run)
         if ckpt_path != self._defaults_from:
@@ -122,10 +122,14 @@ class ArvaeCLI(LightningCLI):
                     " use the version that trained it (the git commit in its run record).\n"
                 )
             raise
-        subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        ckpt_path = self._ckpt_path()[1]
         if ckpt_path:
             check_readable(ckpt_path)
+
+    def _ckpt_path(self) -> tuple[str | None, str | None]:
+        """The parsed subcommand and its ``ckpt_path`` (None for either if not given)."""
+        subcommand = self.config.get("subcommand")
+        return subcommand, self.config[subcommand].get("ckpt_path") if subcommand else None
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand == "fit":
@@ -174,17 +178,14 @@ def saved_classes(ckpt_path: str) -> dict:
 
 def overridden(model, saved: dict) -> list[str]:
     """``key = value (saved)`` for each model option (and the class) that differs from the
-    checkpoint's; the data-linked ``image_shape`` and ``data_kind`` are set later, so skipped."""
-
-    def plain(value):  # YAML and the checkpoint disagree on tuples vs lists
-        return [plain(v) for v in value] if isinstance(value, tuple | list) else value
-
+    checkpoint's, compared as JSON (YAML gives lists where the checkpoint has tuples); the
+    data-linked ``image_shape`` and ``data_kind`` are set later, so skipped."""
     given = {"class_path": model.class_path, **vars(model.get("init_args") or {})}
     saved = {"class_path": saved["class_path"], **saved["init_args"]}
     return [
         f"{key} = {given[key]} ({value})"
         for key, value in saved.items()
-        if key in given and key not in LINKED and plain(given[key]) != plain(value)
+        if key in given and key not in LINKED and json_safe(given[key]) != json_safe(value)
     ]
 
 

@@ -46,9 +46,9 @@ class TestReport(L.Callback):
         datamodule = trainer.datamodule
         report = {
             "model": type(pl_module).__name__,
-            "hparams": {k: _plain(v) for k, v in pl_module.hparams.items()},
+            "hparams": {k: json_safe(v) for k, v in pl_module.hparams.items()},
             "datamodule": type(datamodule).__name__ if datamodule is not None else None,
-            "data": {k: _plain(v) for k, v in getattr(datamodule, "hparams", {}).items()},
+            "data": {k: json_safe(v) for k, v in getattr(datamodule, "hparams", {}).items()},
             "n_test_examples": self.n_examples,
             "iwae_k": getattr(pl_module, "iwae_k", None),
             "ckpt_path": trainer.ckpt_path,
@@ -62,12 +62,12 @@ class TestReport(L.Callback):
         path.write_text(json.dumps(report, indent=2) + "\n")
 
 
-def _plain(value):
+def json_safe(value):
     """JSON-safe copy of a hyper-parameter value."""
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     return str(value)
