@@ -1,12 +1,17 @@
-"""Output distributions, one place for all models.
+"""Output distributions: one interface, one place for all models.
 
-Every likelihood turns a parameter map from a network into per-example log-probabilities
-(summed over all dimensions, in nats), samples and, where defined, the mode. Parameters are
-cast to float32 before any log/exp so that bf16-mixed training keeps exact likelihoods.
+Every likelihood is a :class:`Likelihood`: it says how many parameters a network must emit
+per pixel for C channels (:meth:`~Likelihood.num_params`), turns such a parameter map into
+per-example log-probabilities (summed over all dimensions, in nats), draws samples from
+given noise and, where defined, the mode; it owns the transform of data into network input
+and the check that data is of its kind. Parameters are cast to float32 before any log/exp
+so that bf16-mixed training keeps exact likelihoods. A model is configured with its
+likelihood (``likelihood: {class_path: lightning_modules.likelihoods.Categorical, ...}``);
+without one, the datamodule's ``data_kind`` picks it (:data:`LIKELIHOODS`).
 
-Sampling takes optional ``noise`` (from :meth:`noise`) so that a caller can hold the noise of
-one level fixed while varying another (PixelVAE Fig. 6); given its noise a sample is a
-deterministic function of the parameters.
+Sampling takes optional ``noise`` (from :meth:`~Likelihood.noise`) so that a caller can hold
+the noise of one level fixed while varying another (PixelVAE Fig. 6); given its noise a
+sample is a deterministic function of the parameters.
 
 Channel layout of a parameter map from a masked network: channel k belongs to colour
 ``k % n_colors`` (see backbone/masked_conv.py), so a per-colour likelihood with P parameters
@@ -24,7 +29,69 @@ def uniform_noise(shape: tuple[int, ...], generator: torch.Generator | None = No
     return torch.rand(shape, generator=generator)
 
 
-class Bernoulli:
+class Likelihood:
+    """The interface of an output distribution over images (B, C, H, W).
+
+    ``sequential_channels``: True when a pixel's channels are drawn one after another, each
+    from parameters recomputed with the earlier ones filled in (a masked network that splits
+    colours, R -> G -> B); False when one set of parameters gives the whole pixel (the
+    channels are independent, or coupled inside the likelihood as in the logistic mixture).
+    """
+
+    params_per_channel: int = 1
+    sequential_channels: bool = True
+
+    def num_params(self, channels: int) -> int:
+        """Parameters per pixel the network must output for images with ``channels``."""
+        return channels * self.params_per_channel
+
+    def log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """log p(x) per example: (B, P, H, W) parameters and (B, C, H, W) data -> (B,)."""
+        raise NotImplementedError
+
+    def noise(self, shape: tuple[int, ...], generator: torch.Generator | None = None):
+        """The noise one sample shaped ``shape`` consumes (default: Uniform(0, 1))."""
+        return uniform_noise(shape, generator)
+
+    def sample(self, params: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def mode(self, params: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no mode")
+
+    def network_input(self, x: torch.Tensor) -> torch.Tensor:
+        """How data of this kind is fed to a network without an embedding."""
+        return x
+
+    def check(self, x: torch.Tensor) -> None:
+        """Raise ValueError when x is not data of this likelihood's kind (cheap: one pass)."""
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k != "params_per_channel")
+        return f"{type(self).__name__}({args})"
+
+
+def check_levels(x: torch.Tensor, n_values: int, name: str) -> None:
+    """x must hold integers 0..n_values-1 (any dtype): one min/max and one integrality pass.
+    Skipped inside torch.compile, where a data-dependent branch would break the graph."""
+    if torch.compiler.is_compiling() or x.numel() == 0:
+        return
+    x = x.detach()
+    low, high = (float(v) for v in torch.aminmax(x))
+    integral = not x.is_floating_point() or bool((x == x.round()).all())
+    if low >= 0 and high <= n_values - 1 and integral:
+        return
+    kind = "binary" if n_values == 2 else f"{n_values}-level"
+    raise ValueError(
+        f"{name} models {kind} data, integers 0..{n_values - 1}, but got"
+        f" {'' if integral else 'non-integer '}values in [{low:g}, {high:g}]. Feed it the"
+        " datamodule's raw values (not normalized images), or configure the model with the"
+        " likelihood of this data: Bernoulli for binary images, Categorical(256) or"
+        " DiscretizedLogisticMixture for 8-bit ones."
+    )
+
+
+class Bernoulli(Likelihood):
     """Independent Bernoulli per dimension, parameterized by logits; support {0, 1}."""
 
     params_per_channel = 1
@@ -32,13 +99,9 @@ class Bernoulli:
     @staticmethod
     def log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """log p(x) per example: (B, C, H, W) logits and 0/1 targets -> (B,)."""
+        check_levels(x, 2, "Bernoulli")
         nll = F.binary_cross_entropy_with_logits(logits.float(), x.float(), reduction="none")
         return -nll.flatten(1).sum(1)
-
-    @staticmethod
-    def noise(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
-        """Uniform(0, 1) noise shaped like a sample."""
-        return uniform_noise(shape, generator)
 
     @staticmethod
     def sample(logits: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -55,18 +118,16 @@ class Bernoulli:
     def mean(logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits.float())
 
-    @staticmethod
-    def network_input(x: torch.Tensor) -> torch.Tensor:
-        """How the data is fed to a network: 0/1 as it is."""
-        return x
 
-
-class Categorical:
+class Categorical(Likelihood):
     """An n-way categorical (softmax) per channel over the values 0..n-1: the 256-way
-    output of PixelCNN / PixelVAE on 8-bit images. Parameters: n logits per channel,
-    channel ``v * C + c`` holding the logit of value v for colour c."""
+    output of PixelCNN / PixelVAE on 8-bit images, the 16-way one of a 4-bit view.
+    Parameters: n logits per channel, channel ``v * C + c`` holding the logit of value v for
+    colour c (the colour-grouped layout of a masked network's output)."""
 
     def __init__(self, n_values: int = 256) -> None:
+        if n_values < 2:
+            raise ValueError(f"a categorical needs n_values >= 2, got {n_values}")
         self.n_values = n_values
         self.params_per_channel = n_values
 
@@ -77,20 +138,12 @@ class Categorical:
 
     def log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """log p(x) per example; x holds integer values 0..n-1 (any float or int dtype)."""
-        index = x.long()
-        if index.min() < 0 or index.max() >= self.n_values:
-            raise ValueError(
-                f"a {self.n_values}-way categorical needs integer values 0..{self.n_values - 1},"
-                f" got values in [{float(x.min())}, {float(x.max())}]: is the data 8-bit and"
-                " not normalized?"
-            )
-        logp = self.logits(params).gather(-1, index[..., None])[..., 0]
+        self.check(x)
+        logp = self.logits(params).gather(-1, x.long()[..., None])[..., 0]
         return logp.flatten(1).sum(1)
 
-    @staticmethod
-    def noise(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
-        """Uniform(0, 1) noise shaped like a sample (inverse-CDF sampling)."""
-        return uniform_noise(shape, generator)
+    def check(self, x: torch.Tensor) -> None:
+        check_levels(x, self.n_values, f"a {self.n_values}-way categorical")
 
     def sample(self, params: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Values 0..n-1 as float32, by inverting the CDF at uniform noise."""
@@ -110,14 +163,11 @@ class Categorical:
 
 
 class DiagonalGaussian:
-    """N(mean, exp(log_std)^2) per dimension; used for latents (posteriors and priors).
+    """N(mean, exp(log_std)^2) per dimension: the latents' posteriors and priors.
 
-    As an output head (the PixelCNN priors over latent maps, PixelVAE §3.1) its parameters
-    are 2 per channel: the first C channels the means, the last C the log-stds, so the
-    dimensions within a spatial location are modelled independently, as the paper does.
+    Static helpers on (mean, log_std) pairs; :class:`GaussianOutput` is the same density as
+    an output head of the :class:`Likelihood` interface.
     """
-
-    params_per_channel = 2
 
     @staticmethod
     def split(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,10 +215,34 @@ class DiagonalGaussian:
         return DiagonalGaussian.kl(mean, log_std, zeros, zeros)
 
 
-BERNOULLI = Bernoulli()
-CATEGORICAL_256 = Categorical(256)
-LIKELIHOODS = {"binary": BERNOULLI, "8bit": CATEGORICAL_256}
-"""The pixel likelihood of each kind of data (``ImageDataModule.data_kind``)."""
+class GaussianOutput(Likelihood):
+    """The diagonal Gaussian as an output head: the PixelCNN priors over latent maps
+    (PixelVAE §3.1). Parameters 2 per channel: the first C channels the means, the last C
+    the log-stds; the channels of a location are independent given the earlier locations,
+    as in the paper, so a location is drawn in one step. A density, not a discrete
+    likelihood: it models latents, never pixels."""
+
+    params_per_channel = 2
+    sequential_channels = False
+
+    def log_prob(self, params: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return DiagonalGaussian.log_prob(*DiagonalGaussian.split(params), z)
+
+    def noise(self, shape: tuple[int, ...], generator: torch.Generator | None = None):
+        return DiagonalGaussian.noise(shape, generator)
+
+    def sample(self, params: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        mean, log_std = DiagonalGaussian.split(params)
+        eps = torch.randn_like(mean) if noise is None else noise
+        return DiagonalGaussian.sample(mean, log_std, eps)
+
+    def mode(self, params: torch.Tensor) -> torch.Tensor:
+        return DiagonalGaussian.split(params)[0]
+
+
+LIKELIHOODS = {"binary": Bernoulli(), "8bit": Categorical(256)}
+"""The default pixel likelihood of each kind of data (``ImageDataModule.data_kind``), for a
+model configured without one."""
 
 
 def bits_per_dim(nats: torch.Tensor, dims: int) -> torch.Tensor:
