@@ -1,8 +1,12 @@
 """The common LightningModule: the model contract, the loss, logging and evaluation.
 
-Every paper's model subclasses :class:`ImageModel` and implements the contract
-(``elbo_terms``, ``log_likelihood_bound``, ``sample`` and, with latents, ``reconstruct``);
-callbacks, the CLI and the tests use only that contract.
+Every paper's model subclasses :class:`ImageModel` and implements the contract:
+``elbo_terms`` (per-example terms, each declared in :attr:`ImageModel.term_kinds` as part of
+the bound, a KL or a diagnostic), ``sample`` / ``sample_noise`` and, with latents (declared
+in ``latent_shapes``), ``encode``, ``log_weights`` and ``reconstruct``. The base builds the
+loss and -ELBO from the declaration and runs the one importance-weighting path
+(:meth:`ImageModel.log_likelihood_bound`); callbacks, the CLI and the tests use only that
+contract.
 
 Units: every term is in nats per example (per image). Metrics (DESIGN.md "Evaluation
 protocol"): ``{stage}/nelbo`` (the negative ELBO), ``{stage}/recon`` (-log p(x|z)),
@@ -25,14 +29,19 @@ from typing import Literal
 import lightning as L
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torchmetrics import MeanMetric
 
 from .backbone import sample_autoregressive
-from .likelihoods import LIKELIHOODS, bits_per_dim
+from .likelihoods import LIKELIHOODS, Likelihood, bits_per_dim
 from .metrics import StandardError
 
 BOUNDS = ("nelbo", "nll_iwae", "bpd", "bpd_iwae")  # the headline test numbers
+TermKind = Literal["bound", "kl", "diagnostic"]
+"""How a term of ``elbo_terms`` counts: ``bound``, a term of -ELBO and of the loss; ``kl``,
+the same for a latent level's KL (``kl/<level>``: KL warm-up and free bits apply to these
+only); ``diagnostic``, logged but in neither."""
 
 
 class ImageModel(L.LightningModule):
@@ -40,10 +49,15 @@ class ImageModel(L.LightningModule):
 
     Args:
         image_shape: (C, H, W) of the data; linked from the datamodule by the CLI.
-        data_kind: "binary" (Bernoulli pixels, nats per image) or "8bit" (256-way
-            categorical pixels, also bits per dimension); linked from the datamodule too.
+        data_kind: "binary" (nats per image) or "8bit" (also bits per dimension): the units
+            and the display of the data, linked from the datamodule too; it picks the pixel
+            likelihood only when ``likelihood`` is not given.
+        likelihood: the output distribution of the pixels (``lightning_modules.likelihoods``);
+            None = the default of ``data_kind`` (Bernoulli, or the 256-way categorical).
         lr: learning rate.
-        optimizer: "adam" (PixelVAE, AGAVE) or "adamax" (VLAE).
+        optimizer: "adam" (PixelVAE, PixelCNN++, AGAVE) or "adamax" (VLAE).
+        lr_decay: the learning rate is multiplied by this after every optimizer step
+            (PixelCNN++: 0.999995); 1 = constant.
         kl_warmup_steps: linear annealing of the KL weight from 0 to 1 over this many
             optimizer steps (0 = off). Only the training loss is annealed; logged metrics
             are always the true bound.
@@ -57,8 +71,9 @@ class ImageModel(L.LightningModule):
         iwae_batch: most decoder evaluations in one forward pass of the IWAE estimate,
             which bounds its memory whatever ``iwae_k`` is.
         eval_seed: seed of the per-example evaluation noise: every test/val example gets
-            its own generator seeded by (eval_seed, example index), so metrics do not depend
-            on the batch size, the order or the number of DDP ranks.
+            its own generator seeded by (eval_seed, example index) and draws each importance
+            sample on its own, so metrics do not depend on the batch size, the chunk size,
+            the order or the number of DDP ranks.
         max_bad_steps: a step whose loss or gradient is not finite is skipped (no update;
             counted in ``train/skipped_steps``); this many in a row stop the run with a clear
             error after saving ``nonfinite-stop.ckpt`` (the last good weights) beside the
@@ -74,8 +89,10 @@ class ImageModel(L.LightningModule):
         self,
         image_shape: tuple[int, int, int] = (1, 28, 28),
         data_kind: Literal["binary", "8bit"] = "binary",
+        likelihood: Likelihood | None = None,
         lr: float = 1e-3,
         optimizer: Literal["adam", "adamax"] = "adam",
+        lr_decay: float = 1.0,
         kl_warmup_steps: int = 0,
         free_bits: float = 0.0,
         free_bits_unit: Literal["latent_dim", "data_dim"] = "latent_dim",
@@ -90,9 +107,12 @@ class ImageModel(L.LightningModule):
             raise ValueError(f"iwae_k and iwae_batch must be >= 1, got {iwae_k}, {iwae_batch}")
         self.image_shape = tuple(image_shape)
         self.data_kind = data_kind
-        self.likelihood = LIKELIHOODS[data_kind]
+        self.likelihood = LIKELIHOODS[data_kind] if likelihood is None else likelihood
         self.lr = lr
         self.optimizer_name = optimizer
+        if not 0 < lr_decay <= 1:
+            raise ValueError(f"lr_decay must be in (0, 1], got {lr_decay}")
+        self.lr_decay = lr_decay
         self.kl_warmup_steps = kl_warmup_steps
         self.free_bits = free_bits
         self.free_bits_unit = free_bits_unit
@@ -106,7 +126,9 @@ class ImageModel(L.LightningModule):
         self.bad_steps = 0  # consecutive skipped steps
         self.skipped_steps = 0
         self._bad_terms: dict[str, float] = {}
-        self.latent_dims: dict[str, int] = {}  # level name -> number of latent dimensions
+        # latent level -> shape of one importance sample's standard-normal noise (top first
+        # for hierarchies); empty: no latent, and the bound is the exact log-likelihood
+        self.latent_shapes: dict[str, tuple[int, ...]] = {}
         self.metrics = nn.ModuleDict()
         self._generators: list[torch.Generator] | None = None
         self.run_seed: int | None = None  # seeds the training noise; kept in checkpoints
@@ -116,12 +138,45 @@ class ImageModel(L.LightningModule):
 
     # ----------------------------------------------------------------- the contract
     def elbo_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-example terms in nats: ``recon`` = -log p(x|z) and ``kl/<level>``."""
+        """Per-example terms in nats, every one declared in :attr:`term_kinds`: ``recon`` =
+        -log p(x|z) and ``kl/<level>`` for the latent levels, plus any a model adds."""
         raise NotImplementedError
 
-    def log_likelihood_bound(self, x: torch.Tensor, k: int) -> torch.Tensor:
-        """Per-example log p(x) lower bound with k importance samples (exact without latents)."""
+    @property
+    def term_kinds(self) -> dict[str, TermKind]:
+        """What each term of :meth:`elbo_terms` is (see :data:`TermKind`): ``recon`` and one
+        ``kl/<level>`` per latent level by default. A model that returns other terms (an
+        auxiliary reconstruction, a diagnostic) extends this; an undeclared term is an error."""
+        return {"recon": "bound", **{f"kl/{level}": "kl" for level in self.latent_shapes}}
+
+    def encode(self, x: torch.Tensor):
+        """Latent models: the parameters of q(z|x), whatever :meth:`log_weights` needs; run
+        once per image by the importance-weighted bound."""
         raise NotImplementedError
+
+    def log_weights(self, x: torch.Tensor, q, eps: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Latent models: log p(x, z_s) - log q(z_s | x) for n importance samples per example,
+        (B, n), with z_s drawn from ``q`` (from :meth:`encode`) by the standard-normal noise
+        ``eps[level]`` shaped (B, n, *latent_shapes[level])."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def log_likelihood_bound(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """Per-example log p(x) lower bound with k importance samples (Burda et al. 2015):
+        log (1/k) sum_s p(x, z_s) / q(z_s | x), z_s ~ q(z|x); exact without latents. The
+        encoder runs once; the samples go through :meth:`log_weights` in chunks of at most
+        ``iwae_batch`` decoder evaluations, each sample's noise drawn on its own."""
+        self.check_input(x)
+        if not self.latent_shapes:
+            return -self.nelbo(self.checked(self.elbo_terms(x)))
+        b = x.shape[0]
+        q = self.encode(x)
+        chunk = self.iwae_chunk(b)
+        log_w = [
+            self.log_weights(x, q, self.importance_noise(b, min(chunk, k - start)))
+            for start in range(0, k, chunk)
+        ]
+        return log_mean_exp(torch.cat(log_w, dim=1))
 
     def sample(self, n: int, noise: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """n images drawn from the model, shaped (n, C, H, W). ``noise`` (from
@@ -165,6 +220,29 @@ class ImageModel(L.LightningModule):
         rows = [torch.randn(shape, generator=g) for g in self._generators]
         return torch.stack(rows).to(self.device)
 
+    def importance_noise(self, batch: int, n: int) -> dict[str, torch.Tensor]:
+        """Standard-normal noise of n importance samples per example for every latent level,
+        ``{level: (batch, n, *shape)}``. Under :meth:`per_example_noise` each sample is one
+        draw per level from its example's generator: CPU ``torch.randn`` gives other numbers
+        for one (20, 5) draw than for two (10, 5) ones, so drawing a chunk at once would tie
+        the samples to the chunk size, the batch size and the number of ranks."""
+        if self._generators is None:
+            return {
+                level: torch.randn(batch, n, *shape, device=self.device)
+                for level, shape in self.latent_shapes.items()
+            }
+        if len(self._generators) != batch:
+            raise RuntimeError(f"per-example noise set for {len(self._generators)}, asked {batch}")
+        draws: dict[str, list[torch.Tensor]] = {level: [] for level in self.latent_shapes}
+        for g in self._generators:
+            for _ in range(n):
+                for level, shape in self.latent_shapes.items():
+                    draws[level].append(torch.randn(shape, generator=g))
+        return {
+            level: torch.stack(rows).view(batch, n, *self.latent_shapes[level]).to(self.device)
+            for level, rows in draws.items()
+        }
+
     def sample_pixels(self, n: int, params_fn, context_rows: int, noise=None) -> torch.Tensor:
         """n images drawn from this model's likelihood pixel by pixel (R -> G -> B within a
         pixel) with ``params_fn(x_rows, rows)`` giving the parameters of those canvas rows;
@@ -175,6 +253,7 @@ class ImageModel(L.LightningModule):
             (n, *self.image_shape),
             self.device,
             noise=noise,
+            sequential_channels=self.likelihood.sequential_channels,
             context_rows=context_rows,
         )
 
@@ -192,40 +271,101 @@ class ImageModel(L.LightningModule):
         return math.prod(self.image_shape)
 
     @property
+    def latent_dims(self) -> dict[str, int]:
+        """Latent level -> its number of dimensions (the free-bits unit ``latent_dim``)."""
+        return {level: math.prod(shape) for level, shape in self.latent_shapes.items()}
+
+    @property
     def kl_weight(self) -> float:
         if self.kl_warmup_steps <= 0:
             return 1.0
         return min(1.0, self.global_step / self.kl_warmup_steps)
 
+    def checked(self, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``terms`` if every one is declared in :attr:`term_kinds` and every bound term is
+        there; a model that returns another term fails here, before it is silently left out
+        of the bound (or counted in it)."""
+        kinds = self.term_kinds
+        undeclared = sorted(set(terms) - set(kinds))
+        missing = sorted(k for k, kind in kinds.items() if kind != "diagnostic" and k not in terms)
+        if undeclared or missing:
+            raise KeyError(
+                f"{type(self).__name__}.elbo_terms returned undeclared terms {undeclared} and"
+                f" lacks the declared bound terms {missing}: every term must be declared in"
+                f" term_kinds as 'bound', 'kl' or 'diagnostic' (declared: {kinds})"
+            )
+        for name, kind in kinds.items():
+            if kind == "kl" and name.removeprefix("kl/") not in self.latent_shapes:
+                raise KeyError(
+                    f"{type(self).__name__} declares the KL term {name!r}, but"
+                    f" {name.removeprefix('kl/')!r} is not one of its latent levels"
+                    f" {list(self.latent_shapes)}: KL terms are named kl/<level>"
+                )
+        return terms
+
     def loss(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Training objective: mean recon + KL weight x per-level KL (with free bits)."""
-        loss = terms["recon"].mean()
-        for level, dims in self.latent_dims.items():
-            kl = terms[f"kl/{level}"].mean()
-            if self.free_bits > 0:
-                unit = dims if self.free_bits_unit == "latent_dim" else self.dims
-                kl = torch.clamp(kl, min=self.free_bits * unit)
-            loss = loss + self.kl_weight * kl
+        """Training objective: the mean of every bound term, plus the KL weight x each KL
+        term's mean, clamped from below by free bits."""
+        loss = torch.zeros((), device=self.device)
+        for name, kind in self.term_kinds.items():
+            if kind == "diagnostic" or name not in terms:  # a test may pass part of the terms
+                continue
+            value = terms[name].mean()
+            if kind == "kl":
+                if self.free_bits > 0:
+                    level = name.removeprefix("kl/")
+                    unit = (
+                        self.latent_dims[level]
+                        if self.free_bits_unit == "latent_dim"
+                        else self.dims
+                    )
+                    value = torch.clamp(value, min=self.free_bits * unit)
+                value = self.kl_weight * value
+            loss = loss + value
         return loss
 
-    @staticmethod
-    def nelbo(terms: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Negative ELBO per example: recon + every KL term."""
-        return terms["recon"] + sum(v for k, v in terms.items() if k.startswith("kl/"))
+    def nelbo(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Negative ELBO per example: the sum of the bound and KL terms."""
+        kinds = self.term_kinds
+        return sum(v for k, v in self.checked(terms).items() if kinds[k] != "diagnostic")
 
     # ------------------------------------------------------------------ Lightning
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self):
         cls = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax}[self.optimizer_name]
-        return cls(self.parameters(), lr=self.lr)
+        optimizer = cls(self.parameters(), lr=self.lr)
+        if self.lr_decay == 1.0:
+            return optimizer
+        decay = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=self.lr_decay)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": decay, "interval": "step"}}
+
+    def data_dependent_init(self, x: torch.Tensor) -> None:
+        """Models with a data-dependent initialization (weight norm, Salimans & Kingma 2016)
+        run it here; they hold a boolean buffer ``initialized``, and the base calls this once,
+        on the first training batch, never after a resume (the flag is in the checkpoint)."""
+        raise NotImplementedError
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         """Seed the batch's training noise (latent samples) from the run's seed, the epoch,
         the batch and the rank: a run resumed from a mid-epoch checkpoint then draws the
-        same noise as the run that was never stopped (the seed is in the checkpoint)."""
+        same noise as the run that was never stopped (the seed is in the checkpoint). On
+        the first batch of a model with an ``initialized`` flag, run its data-dependent init;
+        under DDP rank zero's result is broadcast, so every replica starts from the same
+        weights."""
         if self.run_seed is None:
             self.run_seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
         key = [self.run_seed, self.current_epoch, batch_idx, self.global_rank]
         torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
+        initialized = getattr(self, "initialized", None)
+        if initialized is None or bool(initialized):
+            return
+        x, _ = batch
+        self.check_input(x)
+        with torch.no_grad():
+            self.data_dependent_init(x)
+            initialized.fill_(True)
+            if dist.is_available() and dist.is_initialized():
+                for p in self.parameters():
+                    dist.broadcast(p.data, src=0)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["arvae_run_seed"] = self.run_seed
@@ -240,7 +380,7 @@ class ImageModel(L.LightningModule):
             terms = compiled(type(self).elbo_terms)(self, x)
         else:
             terms = self.elbo_terms(x)
-        loss = self.loss(terms)
+        loss = self.loss(self.checked(terms))
         if not torch.isfinite(loss):  # its gradient is not finite either: the step is skipped
             self._bad_terms = {k: float(v.float().mean()) for k, v in terms.items()}
             return loss
@@ -320,7 +460,7 @@ class ImageModel(L.LightningModule):
         x, index = batch
         self.check_input(x)
         with self.per_example_noise(index):
-            terms = self.elbo_terms(x)
+            terms = self.checked(self.elbo_terms(x))
             nelbo = self.nelbo(terms)
             self._update(stage, "nelbo", nelbo)
             for name, value in terms.items():

@@ -40,7 +40,7 @@ from .backbone import (
     weight_norm_masked_,
     zero_init_,
 )
-from .base import ImageModel, log_mean_exp
+from .base import ImageModel
 from .likelihoods import DiagonalGaussian
 
 Gaussian = tuple[torch.Tensor, torch.Tensor]  # (mean, log_std)
@@ -114,7 +114,6 @@ class HierarchicalPixelVAE(ImageModel):
         self.latent_shapes = {
             n: (c, s, s) for n, c, s in zip(self.levels, channels, sizes, strict=True)
         }
-        self.latent_dims = {n: c * s * s for n, (c, s, _) in self.latent_shapes.items()}
         self.prior_kind = prior
         n_values = getattr(self.likelihood, "n_values", 2)
 
@@ -242,17 +241,20 @@ class HierarchicalPixelVAE(ImageModel):
             return self.factorized_head(cond)
         return self.pixelcnn(self.dec_embed(x), None, cond)
 
-    def sample_posteriors(self, posteriors: list[Gaussian], n: int | None = None):
-        """One z_i ~ q(z_i|x) per level (or n per example, flattened to (B*n, ...)) and the
-        summed log q of the draw."""
+    def sample_posteriors(
+        self, posteriors: list[Gaussian], eps: dict[str, torch.Tensor] | None = None
+    ):
+        """One z_i ~ q(z_i|x) per level (or, given importance noise ``eps[level]`` shaped
+        (B, n, ...), n per example flattened to (B*n, ...)) and the summed log q of the draw."""
         zs, log_q = [], 0.0
-        for mean, log_std in posteriors:
-            if n is None:
+        for name, (mean, log_std) in zip(self.levels, posteriors, strict=True):
+            if eps is None:
                 z = DiagonalGaussian.sample(mean, log_std, self.randn(*mean.shape))
             else:
-                eps = self.randn(mean.shape[0], n, *mean.shape[1:])
+                n = eps[name].shape[1]
                 mean, log_std = (repeat(t, "b ... -> (b n) ...", n=n) for t in (mean, log_std))
-                z = DiagonalGaussian.sample(mean, log_std, rearrange(eps, "b n ... -> (b n) ..."))
+                noise = rearrange(eps[name], "b n ... -> (b n) ...")
+                z = DiagonalGaussian.sample(mean, log_std, noise)
             log_q = log_q + DiagonalGaussian.log_prob(mean, log_std, z)
             zs.append(z)
         return zs, log_q
@@ -272,28 +274,19 @@ class HierarchicalPixelVAE(ImageModel):
             terms[f"kl/{name}"] = kl.flatten(1).sum(1)
         return terms
 
-    @torch.no_grad()
-    def log_likelihood_bound(self, x: torch.Tensor, k: int) -> torch.Tensor:
-        """Burda et al.: log (1/k) sum_s p(x, z^s) / q(z^s|x) with z^s_i ~ q(z_i|x) at every
-        level, k samples in chunks of at most ``iwae_batch`` decoder evaluations."""
-        self.check_input(x)
-        b = x.shape[0]
-        posteriors = self.encode(x)
-        log_w = []
-        chunk = self.iwae_chunk(b)
-        for start in range(0, k, chunk):
-            n = min(chunk, k - start)
-            zs, log_q = self.sample_posteriors(posteriors, n)
-            xs = repeat(x, "b c h w -> (b n) c h w", n=n)
-            log_p = self.likelihood.log_prob(self.pixel_params(xs, self.decoders[0](zs[0])), xs)
-            for i in range(len(zs) - 1):
-                log_p = log_p + DiagonalGaussian.log_prob(
-                    *self.prior_params(i, zs[i], zs[i + 1]), zs[i]
-                )
-            top = torch.zeros_like(zs[-1])
-            log_p = log_p + DiagonalGaussian.log_prob(top, top, zs[-1])
-            log_w.append(rearrange(log_p - log_q, "(b n) -> b n", b=b))
-        return log_mean_exp(torch.cat(log_w, dim=1))
+    def log_weights(self, x: torch.Tensor, q, eps: dict[str, torch.Tensor]) -> torch.Tensor:
+        """log p(x, z^s) - log q(z^s|x), (B, n), with z^s_i ~ q(z_i|x) at every level."""
+        b, n = x.shape[0], eps[self.levels[0]].shape[1]
+        zs, log_q = self.sample_posteriors(q, eps)
+        xs = repeat(x, "b c h w -> (b n) c h w", n=n)
+        log_p = self.likelihood.log_prob(self.pixel_params(xs, self.decoders[0](zs[0])), xs)
+        for i in range(len(zs) - 1):
+            log_p = log_p + DiagonalGaussian.log_prob(
+                *self.prior_params(i, zs[i], zs[i + 1]), zs[i]
+            )
+        top = torch.zeros_like(zs[-1])
+        log_p = log_p + DiagonalGaussian.log_prob(top, top, zs[-1])
+        return rearrange(log_p - log_q, "(b n) -> b n", b=b)
 
     def sample_noise(self, n: int, generator: torch.Generator | None = None):
         noise = {

@@ -45,9 +45,6 @@ class PixelCNN(ImageModel):
         """Likelihood parameters of every pixel of x (causal in x)."""
         return self.net(self.likelihood.network_input(x))
 
-    def log_likelihood_bound(self, x: torch.Tensor, k: int = 1) -> torch.Tensor:
-        return -self.elbo_terms(x)["recon"]
-
     def sample_noise(self, n: int, generator: torch.Generator | None = None):
         return {"x": self.likelihood.noise((n, *self.image_shape), generator)}
 

@@ -14,7 +14,7 @@ from einops import rearrange, repeat
 from torch import nn
 
 from .backbone import MNISTDecoder, MNISTEncoder, he_init_, zero_init_
-from .base import ImageModel, log_mean_exp
+from .base import ImageModel
 from .likelihoods import DiagonalGaussian
 from .pixelcnn import PIXELCNNS
 
@@ -56,7 +56,7 @@ class PixelVAE(ImageModel):
         c = self.image_shape[0]
         out_channels = c * self.likelihood.params_per_channel
         self.latent_dim = latent_dim
-        self.latent_dims = {"z": latent_dim}
+        self.latent_shapes = {"z": (latent_dim,)}
         self.conditioning = conditioning
         self.encoder = MNISTEncoder(latent_dim, c)
         self.decoder = MNISTDecoder(latent_dim) if conditioning == "upsample" else None
@@ -106,27 +106,20 @@ class PixelVAE(ImageModel):
         kl = DiagonalGaussian.kl_standard_normal(mean, log_std).sum(1)
         return {"recon": recon, "kl/z": kl}
 
-    @torch.no_grad()
-    def log_likelihood_bound(self, x: torch.Tensor, k: int) -> torch.Tensor:
-        """Burda et al. (2015): log (1/k) sum_i p(x, z_i) / q(z_i|x), z_i ~ q(z|x)."""
-        self.check_input(x)
-        b = x.shape[0]
-        mean, log_std = self.encode(x)
-        log_w = []
-        chunk = self.iwae_chunk(b)
-        for start in range(0, k, chunk):
-            n = min(chunk, k - start)
-            eps = self.randn(b, n, self.latent_dim)
-            z = DiagonalGaussian.sample(mean[:, None], log_std[:, None], eps)
-            z = rearrange(z, "b n d -> (b n) d")
-            xs = repeat(x, "b c h w -> (b n) c h w", n=n)
-            log_px_z = self.likelihood.log_prob(self.pixel_params(xs, self.condition(z)), xs)
-            zeros = torch.zeros_like(z)
-            log_pz = DiagonalGaussian.log_prob(zeros, zeros, z)
-            means, log_stds = (repeat(t, "b d -> (b n) d", n=n) for t in (mean, log_std))
-            log_qz = DiagonalGaussian.log_prob(means, log_stds, z)
-            log_w.append(rearrange(log_px_z + log_pz - log_qz, "(b n) -> b n", b=b))
-        return log_mean_exp(torch.cat(log_w, dim=1))
+    def log_weights(self, x: torch.Tensor, q, eps: dict[str, torch.Tensor]) -> torch.Tensor:
+        """log p(x|z_s) + log p(z_s) - log q(z_s|x) for z_s = mean + std * eps_s, (B, n)."""
+        mean, log_std = q
+        b, n = eps["z"].shape[:2]
+        z = rearrange(
+            DiagonalGaussian.sample(mean[:, None], log_std[:, None], eps["z"]), "b n d -> (b n) d"
+        )
+        xs = repeat(x, "b c h w -> (b n) c h w", n=n)
+        log_px_z = self.likelihood.log_prob(self.pixel_params(xs, self.condition(z)), xs)
+        zeros = torch.zeros_like(z)
+        log_pz = DiagonalGaussian.log_prob(zeros, zeros, z)
+        means, log_stds = (repeat(t, "b d -> (b n) d", n=n) for t in q)
+        log_qz = DiagonalGaussian.log_prob(means, log_stds, z)
+        return rearrange(log_px_z + log_pz - log_qz, "(b n) -> b n", b=b)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:

@@ -19,7 +19,6 @@ unbiased either way, and the IWAE bound uses exact log densities).
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 from einops import rearrange, repeat
 from einops.layers.torch import Rearrange
 from torch import nn
@@ -34,7 +33,7 @@ from .backbone import (
     zero_init_,
 )
 from .backbone.flows import standard_normal_log_prob
-from .base import ImageModel, log_mean_exp
+from .base import ImageModel
 from .likelihoods import DiagonalGaussian
 
 SIZE = 28  # image size; the ResNet halves it twice, to 7x7
@@ -95,7 +94,7 @@ class VLAE(ImageModel):
         self.latent_dim = latent_dim
         self.decoder_kind = decoder
         self.has_latent = decoder != "unconditional"
-        self.latent_dims = {"z": latent_dim} if self.has_latent else {}
+        self.latent_shapes = {"z": (latent_dim,)} if self.has_latent else {}
         self.context_dim = context_dim if posterior == "iaf" else 0
         self.encoder = self.decoder = self.prior_flow = self.posterior_flow = None
         self.pixelcnn = None
@@ -190,26 +189,17 @@ class VLAE(ImageModel):
             kl = log_q - self.log_prior(z)
         return {"recon": -self.log_px_z(x, z), "kl/z": kl}
 
-    @torch.no_grad()
-    def log_likelihood_bound(self, x: torch.Tensor, k: int) -> torch.Tensor:
-        """Burda et al.: log (1/k) sum_i p(x|z_i) p(z_i) / q(z_i|x), z_i ~ q(z|x); the exact
-        log-likelihood for the unconditional decoder."""
-        self.check_input(x)
-        if not self.has_latent:
-            return self.log_px_z(x, None)
-        b = x.shape[0]
-        q = self.encode(x)
-        log_w = []
-        chunk = self.iwae_chunk(b)
-        for start in range(0, k, chunk):
-            n = min(chunk, k - start)
-            eps = rearrange(self.randn(b, n, self.latent_dim), "b n d -> (b n) d")
-            mean, log_std, context = (repeat(t, "b d -> (b n) d", n=n) for t in q)
-            z, log_q = self.posterior_sample(mean, log_std, context, eps)
-            xs = repeat(x, "b c h w -> (b n) c h w", n=n)
-            w = self.log_px_z(xs, z) + self.log_prior(z) - log_q
-            log_w.append(rearrange(w, "(b n) -> b n", b=b))
-        return log_mean_exp(torch.cat(log_w, dim=1))
+    def log_weights(self, x: torch.Tensor, q, eps: dict[str, torch.Tensor]) -> torch.Tensor:
+        """log p(x|z_s) + log p(z_s) - log q(z_s|x), (B, n): exact log densities, the flows'
+        log-determinants included."""
+        b, n = eps["z"].shape[:2]
+        mean, log_std, context = (repeat(t, "b d -> (b n) d", n=n) for t in q)
+        z, log_q = self.posterior_sample(
+            mean, log_std, context, rearrange(eps["z"], "b n d -> (b n) d")
+        )
+        xs = repeat(x, "b c h w -> (b n) c h w", n=n)
+        w = self.log_px_z(xs, z) + self.log_prior(z) - log_q
+        return rearrange(w, "(b n) -> b n", b=b)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor | None, n: int, noise: torch.Tensor | None = None):
@@ -260,19 +250,6 @@ class VLAE(ImageModel):
         """Reconstructions for the sample grids: a decompression (z sampled, not its mean)."""
         return self.decompress(x)
 
-    # ------------------------------------------------------------------ Lightning
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        """Data-dependent init of the weight-normalized layers on the first training batch
-        (never again: the flag is in the checkpoint); under DDP rank zero's result is
-        broadcast, so every replica starts from the same weights."""
-        super().on_train_batch_start(batch, batch_idx)
-        if bool(self.initialized):
-            return
-        x, _ = batch
-        self.check_input(x)
-        with torch.no_grad():
-            data_dependent_init_(self, lambda: self.elbo_terms(x))
-            self.initialized.fill_(True)
-            if dist.is_available() and dist.is_initialized():
-                for p in self.parameters():
-                    dist.broadcast(p.data, src=0)
+    def data_dependent_init(self, x: torch.Tensor) -> None:
+        """Weight-normalized layers initialized from one training batch (see the base)."""
+        data_dependent_init_(self, lambda: self.elbo_terms(x))

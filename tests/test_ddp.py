@@ -60,8 +60,16 @@ MODELS = {
         TINY_DATA,
         ["samples", "noise_x"],
     ),
+    # a latent size that is no multiple of 16 and chunks of 1 to 10 importance samples, so
+    # that the samples' noise would follow the batch size if it were drawn chunk by chunk
     "PixelVAE": Model(
-        [*TINY_MODEL, *TINY_DATA],
+        [
+            *TINY_MODEL,
+            "--model.init_args.latent_dim", "5",
+            "--model.init_args.iwae_k", "7",
+            "--model.init_args.iwae_batch", "10",
+            *TINY_DATA,
+        ],
         TINY_DATA,
         ["samples", "reconstructions", "noise_z", "noise_x"],
     ),
