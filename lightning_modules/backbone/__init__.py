@@ -15,6 +15,7 @@ from .masked_conv import (
 )
 from .mnist_convnets import MNISTDecoder, MNISTEncoder
 from .pixel_embedding import PixelEmbedding
+from .pixelcnnpp import PixelCNNppNet
 from .plain_pixelcnn import PlainPixelCNN
 from .resnet import ResBlock, from_vector, n_halvings, resnet, to_vector
 from .weight_norm import data_dependent_init_, weight_norm_, weight_norm_masked_
@@ -34,6 +35,7 @@ __all__ = [
     "MNISTDecoder",
     "MNISTEncoder",
     "MaskedConv2d",
+    "PixelCNNppNet",
     "PixelEmbedding",
     "PlainPixelCNN",
     "ResBlock",

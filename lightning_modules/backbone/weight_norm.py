@@ -49,6 +49,16 @@ def _channel_dims(m: nn.Module, out: torch.Tensor) -> list[int]:
     return [d for d in range(out.dim()) if d != channel]
 
 
+def channel_stats(out: torch.Tensor, dims: list[int], eps: float = 1e-6):
+    """Per-channel mean and std of a layer's output over ``dims``; a channel that is constant
+    on the batch (std < eps: a stream that sees only padding, e.g. the first row of a
+    PixelCNN++ at a coarse resolution) keeps its scale, as dividing by ~0 would blow its
+    gain up by 1e6 and overflow the first update."""
+    mean = out.mean(dims, keepdim=True)
+    std = out.std(dims, keepdim=True, correction=0)
+    return mean, torch.where(std < eps, torch.ones_like(std), std)
+
+
 @torch.no_grad()
 def data_dependent_init_(module: nn.Module, run: Callable[[], object], eps: float = 1e-6) -> int:
     """Initialize every weight-normalized layer of ``module`` from data, in one pass.
@@ -65,9 +75,7 @@ def data_dependent_init_(module: nn.Module, run: Callable[[], object], eps: floa
         if id(m) in done:
             return None
         done.add(id(m))
-        dims = _channel_dims(m, out)
-        mean = out.mean(dims, keepdim=True)
-        std = out.std(dims, keepdim=True, correction=0) + eps
+        mean, std = channel_stats(out, _channel_dims(m, out), eps)
         g = m.parametrizations.weight.original0
         g.div_(std.reshape(g.shape))
         if m.bias is not None:

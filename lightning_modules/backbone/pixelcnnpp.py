@@ -1,0 +1,280 @@
+"""PixelCNN++ (Salimans et al., "PixelCNN++: Improving the PixelCNN with Discretized Logistic
+Mixture Likelihood and Other Modifications", ICLR 2017), the network only.
+
+Two streams, no masks: ``u`` sees only the rows strictly above a pixel (down-shifted
+convolutions), ``ul`` sees those rows and the pixels to its left (down-right-shifted
+convolutions). Gated ResNet blocks over three resolutions, an up pass whose every
+intermediate output feeds the matching block of the down pass (U-Net-like skips). The output
+at pixel (i, j) depends on all channels of the pixels before (i, j) in raster order, never on
+(i, j) itself: ordering the colours within a pixel is the likelihood's job.
+
+Conditioning: ``cond_vec`` (B, D) through a linear map into every gate (the paper's ``h``);
+``cond_map`` (B, Cc, h, w) at the image's resolution or lower, resized to each stream's
+resolution and added into every gate through a 1x1 convolution.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .masked_conv import shift_down
+from .weight_norm import channel_stats, data_dependent_init_, weight_norm_
+
+Size = tuple[int, int]
+
+
+def shift_right(x: torch.Tensor) -> torch.Tensor:
+    """Move every column one right (zeros enter on the left)."""
+    return F.pad(x, (1, 0, 0, 0))[:, :, :, :-1]
+
+
+def concat_elu(x: torch.Tensor) -> torch.Tensor:
+    """elu over [x, -x]: keeps both signs' information (doubles the channels)."""
+    return F.elu(torch.cat([x, -x], dim=1))
+
+
+def half(size: Size) -> Size:
+    """Size after a stride-2 shifted convolution: ceil(h / 2), ceil(w / 2)."""
+    return (size[0] + 1) // 2, (size[1] + 1) // 2
+
+
+def _pool_kernel(have: Size, want: Size) -> Size:
+    """2 along each dimension whose length ``have`` still ceil-halves to ``want`` or more."""
+    k = [2 if d > w and (d + 1) // 2 >= w else 1 for d, w in zip(have, want, strict=True)]
+    return k[0], k[1]
+
+
+def resize_map(cond_map: torch.Tensor, size: Size) -> torch.Tensor:
+    """``cond_map`` at a stream's exact ``size``.
+
+    A stream cell (i, j) stands for the cells (2i..2i+1, 2j..2j+1) of the next finer
+    resolution (where the transposed convolutions put it; odd sizes are ceil-halved). So a
+    finer map is 2x2-average-pooled with ceil_mode (a partial last window averages the cells
+    it has), which reproduces the streams' ceil sizes, and a coarser map is repeated 2x2
+    (nearest neighbour) and cropped at the bottom / right, once per halving: a single
+    F.interpolate to the exact size would misalign odd sizes (9 -> 5 -> 3: the quarter-res
+    column 1 stands for columns 4..7, not 3..5). Any position may see the map (it carries no
+    pixel information), so no resize can break causality; a size off this chain is cropped.
+    """
+    while (pool := _pool_kernel(tuple(cond_map.shape[-2:]), size)) != (1, 1):
+        cond_map = F.avg_pool2d(cond_map, pool, ceil_mode=True)
+    for dim, s in ((-2, size[0]), (-1, size[1])):
+        while cond_map.shape[dim] < s:
+            cond_map = cond_map.repeat_interleave(2, dim)
+    return cond_map[:, :, : size[0], : size[1]]
+
+
+class ShiftedConv2d(nn.Conv2d):
+    """Convolution padded so that output (i, j) sees input rows i - kh + 1..i and columns
+    centred on j (down-shifted) or j - kw + 1..j (down-right-shifted). Stride 2 halves the
+    size (ceil) and keeps the alignment the transposed version below undoes."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel: Size,
+        stride: int = 1,
+        right: bool = False,
+    ) -> None:
+        super().__init__(in_channels, out_channels, kernel, stride)
+        kh, kw = kernel
+        self.pad = (kw - 1, 0, kh - 1, 0) if right else ((kw - 1) // 2, (kw - 1) // 2, kh - 1, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(F.pad(x, self.pad))
+
+
+class ShiftedConvTranspose2d(nn.ConvTranspose2d):
+    """Stride-2 up-sampling: input cell (i, j) writes output rows 2i..2i+1 only (never above:
+    it saw rows < 2i), columns centred on 2j (down-shifted, kernel (2, 3)) or 2j..2j+1
+    (down-right-shifted, kernel (2, 2): it saw pixels before (2i, 2j)). The full output is
+    cropped at the bottom / right to the skip's exact size, so odd sizes work."""
+
+    def __init__(self, channels: int, right: bool) -> None:
+        super().__init__(channels, channels, (2, 2) if right else (2, 3), stride=2)
+        self.col0 = 0 if right else 1  # the centred kernel's extra left column
+
+    def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x)[:, :, : size[0], self.col0 : self.col0 + size[1]]
+
+
+class GatedResnet(nn.Module):
+    """x + a * sigmoid(b), [a, b] = conv(dropout(concat_elu(conv(concat_elu(x)) + nin(aux))))
+    + the conditioning. ``aux_channels``: the auxiliary input's channels (0: none)."""
+
+    def __init__(
+        self,
+        channels: int,
+        kernel: Size,
+        right: bool,
+        aux_channels: int,
+        dropout: float,
+        cond_vec_dim: int,
+        cond_map_channels: int,
+    ) -> None:
+        super().__init__()
+        self.conv1 = ShiftedConv2d(2 * channels, channels, kernel, right=right)
+        self.aux = nn.Conv2d(2 * aux_channels, channels, 1) if aux_channels else None
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = ShiftedConv2d(2 * channels, 2 * channels, kernel, right=right)
+        # only built when used: a parameter without a gradient is an error under DDP. With a
+        # bias: data_dependent_init_ passes on (out - mean) / std but can only subtract the mean
+        # from a bias, so a bias-free layer would leave later layers initialized off-statistics
+        self.vec = nn.Linear(cond_vec_dim, 2 * channels) if cond_vec_dim else None
+        self.map = nn.Conv2d(cond_map_channels, 2 * channels, 1) if cond_map_channels else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        aux: torch.Tensor | None,
+        cond_vec: torch.Tensor | None,
+        cond_map: torch.Tensor | None,
+    ) -> torch.Tensor:
+        h = self.conv1(concat_elu(x))
+        if self.aux is not None:
+            h = h + self.aux(concat_elu(aux))
+        h = self.conv2(self.dropout(concat_elu(h)))
+        if self.vec is not None:
+            h = h + self.vec(cond_vec)[:, :, None, None]
+        if self.map is not None:
+            h = h + self.map(cond_map)
+        a, b = h.chunk(2, dim=1)
+        return x + a * torch.sigmoid(b)
+
+
+@torch.no_grad()
+def _init_transposed(m: ShiftedConvTranspose2d, inputs: object, out: torch.Tensor) -> torch.Tensor:
+    """data_dependent_init_'s rule for a transposed convolution (which it does not hook): its
+    gain has shape (1, out, 1, 1) (weight norm over dim 1, the output channels)."""
+    mean, std = channel_stats(out, [0, 2, 3])
+    m.parametrizations.weight.original0.div_(std)
+    m.bias.sub_(mean.flatten()).div_(std.flatten())
+    return (out - mean) / std
+
+
+class PixelCNNppNet(nn.Module):
+    """PixelCNN++ over ``in_channels`` inputs (scaled to [-1, 1]), ``out_channels`` outputs per
+    pixel. Up pass: ``nr_resnet`` blocks at each of 3 resolutions (stride-2 convolutions
+    between); down pass: ``nr_resnet``, ``nr_resnet + 1``, ``nr_resnet + 1`` blocks, each
+    consuming one skip, as in the paper's code. Every layer is weight-normalized; call
+    :meth:`init_from_data` once before training.
+
+    Receptive field (checked by gradients in the tests): on an odd row 2i + 1 the coarser
+    resolutions bring nothing of the row itself and, of row 2i, only the pixels to the left
+    (a coarse cell feeds rows 2i, 2i + 1 but was computed before row 2i + 1). So there the
+    current row reaches 4 * nr_resnet + 2 pixels left and the row above as many right, as in
+    the paper's network: at nr_resnet=5 on 32x32, 9 pixels each; a smaller network on a
+    larger image misses more, further up. No row bound either: ``receptive_rows`` is None,
+    sampling runs the whole canvas.
+    """
+
+    receptive_rows = None
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        nr_resnet: int = 5,
+        nr_filters: int = 160,
+        dropout: float = 0.5,
+        cond_vec_dim: int = 0,
+        cond_map_channels: int = 0,
+    ) -> None:
+        super().__init__()
+        self.cond_vec_dim, self.cond_map_channels = cond_vec_dim, cond_map_channels
+        nf = nr_filters
+        cin = in_channels + 1  # + a constant-1 channel: zero padding then marks the border
+
+        def stage(n: int, right: bool, aux: int) -> nn.ModuleList:
+            kernel = (2, 2) if right else (2, 3)
+            args = (nf, kernel, right, aux, dropout, cond_vec_dim, cond_map_channels)
+            return nn.ModuleList([GatedResnet(*args) for _ in range(n)])
+
+        self.u_init = ShiftedConv2d(cin, nf, (2, 3))
+        self.ul_init_above = ShiftedConv2d(cin, nf, (1, 3))
+        self.ul_init_left = ShiftedConv2d(cin, nf, (2, 1), right=True)
+        self.up_u = nn.ModuleList([stage(nr_resnet, False, 0) for _ in range(3)])
+        self.up_ul = nn.ModuleList([stage(nr_resnet, True, nf) for _ in range(3)])
+        self.down_u_conv = nn.ModuleList([ShiftedConv2d(nf, nf, (2, 3), 2) for _ in range(2)])
+        self.down_ul_conv = nn.ModuleList(
+            [ShiftedConv2d(nf, nf, (2, 2), 2, right=True) for _ in range(2)]
+        )
+        # down pass, coarsest first: u gets a skip from u, ul gets [u, skip from ul]
+        counts = (nr_resnet, nr_resnet + 1, nr_resnet + 1)
+        self.down_u = nn.ModuleList([stage(n, False, nf) for n in counts])
+        self.down_ul = nn.ModuleList([stage(n, True, 2 * nf) for n in counts])
+        self.up_u_conv = nn.ModuleList([ShiftedConvTranspose2d(nf, False) for _ in range(2)])
+        self.up_ul_conv = nn.ModuleList([ShiftedConvTranspose2d(nf, True) for _ in range(2)])
+        self.out = nn.Conv2d(nf, out_channels, 1)
+
+        weight_norm_(self)  # Conv2d (the shifted ones included) and Linear: gain per dim 0
+        for m in self.modules():
+            # a transposed weight is (in, out, kh, kw): the output channels are dim 1
+            if isinstance(m, nn.ConvTranspose2d) and not parametrize.is_parametrized(m):
+                nn.utils.parametrizations.weight_norm(m, dim=1)
+
+    def _check(self, cond_vec: torch.Tensor | None, cond_map: torch.Tensor | None) -> None:
+        for name, value, dim in (
+            ("cond_vec", cond_vec, self.cond_vec_dim),
+            ("cond_map", cond_map, self.cond_map_channels),
+        ):
+            if (value is None) != (dim == 0) or (value is not None and value.shape[1] != dim):
+                got = None if value is None else tuple(value.shape)
+                raise ValueError(f"{name}: built for {dim} channels (0: none), got {got}")
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cond_vec: torch.Tensor | None = None,
+        cond_map: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        self._check(cond_vec, cond_map)
+        sizes = [tuple(x.shape[-2:])]
+        sizes += [half(sizes[0]), half(half(sizes[0]))]
+        maps = [None if cond_map is None else resize_map(cond_map, s) for s in sizes]
+        x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+
+        # u(i, j) sees rows < i; ul(i, j) sees rows < i and row i left of j
+        us = [shift_down(self.u_init(x))]
+        uls = [shift_down(self.ul_init_above(x)) + shift_right(self.ul_init_left(x))]
+        for s in range(3):
+            if s:
+                us.append(self.down_u_conv[s - 1](us[-1]))
+                uls.append(self.down_ul_conv[s - 1](uls[-1]))
+            for block_u, block_ul in zip(self.up_u[s], self.up_ul[s], strict=True):
+                us.append(block_u(us[-1], None, cond_vec, maps[s]))
+                uls.append(block_ul(uls[-1], us[-1], cond_vec, maps[s]))
+
+        u, ul = us.pop(), uls.pop()
+        for k, s in enumerate((2, 1, 0)):
+            if k:
+                u = self.up_u_conv[k - 1](u, sizes[s])
+                ul = self.up_ul_conv[k - 1](ul, sizes[s])
+            for block_u, block_ul in zip(self.down_u[k], self.down_ul[k], strict=True):
+                u = block_u(u, us.pop(), cond_vec, maps[s])
+                ul = block_ul(ul, torch.cat([u, uls.pop()], dim=1), cond_vec, maps[s])
+        assert not us and not uls, "every skip is consumed"
+        return self.out(F.elu(ul))
+
+    def init_from_data(
+        self,
+        x: torch.Tensor,
+        cond_vec: torch.Tensor | None = None,
+        cond_map: torch.Tensor | None = None,
+    ) -> int:
+        """Data-dependent init of every layer from one forward pass on a batch (see
+        weight_norm.data_dependent_init_); the batch should vary (the cond_vec map is
+        normalized over the batch alone). Returns the number of layers initialized."""
+        handles = [
+            m.register_forward_hook(_init_transposed)
+            for m in self.modules()
+            if isinstance(m, ShiftedConvTranspose2d)
+        ]
+        try:
+            n = data_dependent_init_(self, lambda: self(x, cond_vec, cond_map))
+        finally:
+            for h in handles:
+                h.remove()
+        return n + len(handles)
