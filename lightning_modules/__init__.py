@@ -3,7 +3,8 @@
 from .base import ImageModel
 from .hierarchical_pixelvae import HierarchicalPixelVAE
 from .pixelcnn import PixelCNN
+from .pixelcnnpp import PixelCNNpp
 from .pixelvae import PixelVAE
 from .vlae import VLAE
 
-__all__ = ["HierarchicalPixelVAE", "ImageModel", "PixelCNN", "PixelVAE", "VLAE"]
+__all__ = ["HierarchicalPixelVAE", "ImageModel", "PixelCNN", "PixelCNNpp", "PixelVAE", "VLAE"]
