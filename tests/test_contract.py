@@ -162,7 +162,11 @@ def test_the_likelihood_is_an_option_and_data_kind_only_the_default():
 @pytest.mark.parametrize(
     "likelihood, x, message",
     [
-        (Categorical(256), torch.rand(2, 3, 4, 4), "non-integer values in \\[0"),
+        (
+            Categorical(256),
+            torch.linspace(0.25, 0.75, 96).reshape(2, 3, 4, 4),
+            "non-integer values in \\[0.25, 0.75\\]",
+        ),
         (Categorical(256), torch.full((2, 3, 4, 4), 256.0), "0..255"),
         (Bernoulli(), torch.full((2, 1, 4, 4), 255.0), "binary data"),
         (Bernoulli(), torch.full((2, 1, 4, 4), 0.5), "non-integer"),
