@@ -33,7 +33,7 @@ from callbacks import (
 )
 from callbacks.test_report import json_safe
 from datamodules import ImageDataModule
-from lightning_modules import ImageModel
+from lightning_modules import ImageModel, legacy_options
 
 QUICKSTART_CONFIG = files("arvae") / "configs" / "quickstart.yaml"
 LINKED = ("image_shape", "data_kind")  # model options the CLI links from the datamodule
@@ -172,6 +172,8 @@ def saved_classes(ckpt_path: str) -> dict:
         init_args.pop("_instantiator", None)
         class_path = init_args.pop("_class_path", None)
         if class_path is not None:
+            if key == "model":
+                init_args = legacy_options.upgrade(class_path, init_args)
             found[key] = {"class_path": class_path, "init_args": init_args}
     return found
 

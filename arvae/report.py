@@ -5,7 +5,7 @@ directories, one row per run: the model, chosen hyper-parameters (``--columns``)
 negative ELBO and its terms and the importance-weighted NLL, in nats per image, and on
 8-bit data both bounds in bits per dimension (``bpd``, ``bpd_iwae``); each bound with the
 standard error of its mean over the test examples ("79.12 ± 0.21"). This is
-the data behind sweeps such as PixelVAE Fig. 4a/4b (``--columns n_pixelcnn_layers``).
+the data behind sweeps such as PixelVAE Fig. 4a/4b (``--columns pixelcnn.n_layers``).
 
 With ``--ledger experiments/ledger.yaml`` it is the reproduction ledger instead: one row per
 paper number (paper, dataset, model and config, the paper's value), filled from the newest
@@ -29,13 +29,30 @@ def collect(paths: list[Path]) -> list[dict]:
     return [{**json.loads(f.read_text()), "run": str(f.parent)} for f in files]
 
 
+MISSING = object()
+
+
+def hparam(hparams: dict, key: str, default=MISSING):
+    """A model option by dotted key, through class_path / init_args nesting:
+    ``pixelcnn.n_layers`` is ``hparams["pixelcnn"]["init_args"]["n_layers"]`` and
+    ``pixelcnn.class_path`` the network's class."""
+    value = hparams
+    for part in key.split("."):
+        if isinstance(value, dict) and part not in value:
+            value = value.get("init_args")
+        if not isinstance(value, dict) or part not in value:
+            return default
+        value = value[part]
+    return value
+
+
 def row(report: dict, columns: list[str]) -> dict:
     m = report["metrics"]
     kl = [v for k, v in m.items() if k.startswith("test/kl/")]
     return {
         "run": report["run"],
         "model": report["model"],
-        **{c: report["hparams"].get(c, "") for c in columns},
+        **{c: hparam(report["hparams"], c, "") for c in columns},
         "nelbo": estimate(m, "test/nelbo"),
         "recon": m.get("test/recon"),
         "kl": sum(kl) if kl else None,
@@ -97,7 +114,8 @@ def ledger_row(target: dict, reports: list[dict]) -> dict:
     matches = [
         r
         for r in reports
-        if run_name(r) == target["run"] and all(r["hparams"].get(k) == v for k, v in want.items())
+        if run_name(r) == target["run"]
+        and all(hparam(r["hparams"], k) == v for k, v in want.items())
     ]
     base = {
         "paper": target["paper"],

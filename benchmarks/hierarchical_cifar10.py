@@ -22,6 +22,7 @@ import math
 import os
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -30,6 +31,7 @@ from torch.utils.data import DataLoader
 
 from datamodules import CIFAR10
 from lightning_modules import HierarchicalPixelVAE
+from lightning_modules.backbone import GatedPixelCNN
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -85,8 +87,15 @@ def make_model(args: argparse.Namespace) -> HierarchicalPixelVAE:
         latent_width=args.latent_width,
         blocks=args.blocks,
         embed_dim=args.embed_dim,
-        n_pixelcnn_layers=args.pixel_layers,
-        pixelcnn_channels=args.pixel_channels,
+        pixelcnn=partial(
+            GatedPixelCNN,
+            n_layers=args.pixel_layers,
+            channels=args.pixel_channels,
+            first_kernel=3,
+            kernel=3,
+        )
+        if args.pixel_layers
+        else None,
         n_prior_layers=args.prior_layers,
         prior_channels=args.prior_channels,
         lr=args.lr,

@@ -96,6 +96,7 @@ import time
 import types
 import warnings
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +107,7 @@ from torch import nn
 
 from datamodules.cifar10 import load_sample
 from lightning_modules import PixelCNNpp
+from lightning_modules.backbone import PixelCNNppNet
 from lightning_modules.likelihoods import DiscretizedLogisticMixture
 
 PEER_MODULES = ("utils", "layers", "model")
@@ -513,11 +515,12 @@ def speed_part(args, peer, images: torch.Tensor) -> None:
     peer_opt = torch.optim.Adam(peer_model.parameters(), lr=2e-4)  # the peer's default lr
     torch.manual_seed(args.seed)
     arvae = PixelCNNpp(
-        nr_resnet=args.nr_resnet,
-        nr_filters=args.nr_filters,
-        nr_logistic_mix=args.nr_mix,
-        dropout=args.dropout,
+        pixelcnn=partial(
+            PixelCNNppNet, nr_resnet=args.nr_resnet, channels=args.nr_filters, dropout=args.dropout
+        ),
+        likelihood=DiscretizedLogisticMixture(args.nr_mix),
         image_shape=(3, 32, 32),
+        lr=2e-4,  # the peer's default, so the last bits/dim columns compare
     )
     with torch.no_grad():
         arvae.data_dependent_init(batches[0])  # what training does once; the peer has none

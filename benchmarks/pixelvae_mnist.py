@@ -26,6 +26,7 @@ import json
 import math
 import os
 import time
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -36,6 +37,7 @@ from torch.utils.data import DataLoader
 from datamodules import BinarizedMNIST
 from datamodules.binarized_mnist import STATIC_NPZ, STATIC_SIZES
 from lightning_modules import PixelVAE
+from lightning_modules.backbone import GatedPixelCNN, PlainPixelCNN
 
 N_TEST_ALL = STATIC_SIZES["test"]
 
@@ -99,12 +101,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def make_model(args: argparse.Namespace) -> PixelVAE:
     return PixelVAE(
         latent_dim=args.latent_dim,
-        n_pixelcnn_layers=args.layers,
         conditioning=args.conditioning,
-        pixelcnn=args.pixelcnn,
-        pixelcnn_channels=args.channels,
-        first_kernel=7,
-        kernel=5,
+        pixelcnn=partial(
+            PlainPixelCNN if args.pixelcnn == "plain" else GatedPixelCNN,
+            n_layers=args.layers,
+            channels=args.channels,
+            first_kernel=7,
+            kernel=5,
+        )
+        if args.layers
+        else None,
         lr=args.lr,
         kl_warmup_steps=args.kl_warmup_steps,
         free_bits=args.free_bits,

@@ -28,6 +28,7 @@ from callbacks import PolyakAveraging
 from datamodules import BinarizedMNIST
 from datamodules.binarized_mnist import STATIC_NPZ, STATIC_SIZES
 from lightning_modules import VLAE
+from lightning_modules.backbone import LocalPixelCNN
 
 KEYS = ("train/nelbo", "train/recon", "train/kl/z")
 
@@ -78,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     model = VLAE(
         prior=args.prior,
         posterior=args.posterior,
-        decoder=args.decoder,
+        pixelcnn=None if args.decoder == "factorized" else LocalPixelCNN,
+        latent=args.decoder != "unconditional",
         width=args.width,
         blocks=args.blocks,
         flow_hidden=args.flow_hidden,

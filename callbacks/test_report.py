@@ -6,6 +6,7 @@ from datetime import datetime, timezone
 
 import lightning as L
 import torch
+from jsonargparse import Namespace
 
 from .run_dir import run_dir
 
@@ -68,6 +69,8 @@ def json_safe(value):
         return value
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
+    if isinstance(value, Namespace):  # a class_path option as jsonargparse parsed it
+        value = value.as_dict()
     if isinstance(value, dict):
         return {str(k): json_safe(v) for k, v in value.items()}
     return str(value)

@@ -33,7 +33,14 @@ import torch.distributed as dist
 from torch import nn
 from torchmetrics import MeanMetric
 
-from .backbone import sample_autoregressive
+from . import legacy_options
+from .backbone import (
+    PixelDecoder,
+    PixelDecoderFactory,
+    as_factory,
+    network_config,
+    sample_autoregressive,
+)
 from .likelihoods import LIKELIHOODS, Likelihood, bits_per_dim
 from .metrics import StandardError
 
@@ -135,6 +142,10 @@ class ImageModel(L.LightningModule):
         # called here, while the subclass's __init__ frame is still on the stack, Lightning
         # records the subclass's arguments and these shared ones alike
         self.save_hyperparameters()
+        configs = {k: network_config(v) for k, v in self.hparams.items()}
+        if any(c is not None and c != self.hparams[k] for k, c in configs.items()):
+            # a network option (class, partial, partial dict) as the full config building it
+            self.save_hyperparameters({k: configs[k] or v for k, v in self.hparams.items()})
 
     # ----------------------------------------------------------------- the contract
     def elbo_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -242,6 +253,43 @@ class ImageModel(L.LightningModule):
             level: torch.stack(rows).view(batch, n, *self.latent_shapes[level]).to(self.device)
             for level, rows in draws.items()
         }
+
+    def pixel_decoder(
+        self,
+        factory: PixelDecoderFactory,
+        in_channels: int | None = None,
+        cond_vec_dim: int = 0,
+        cond_map_channels: int = 0,
+    ) -> PixelDecoder:
+        """The model's pixel network from its ``pixelcnn`` option, sized for this data and
+        likelihood: one parameter group per colour when the likelihood draws a pixel's
+        channels one after another (each group then sees the earlier colours of the pixel),
+        else one for the whole pixel (the network sees none of it). A network with a
+        data-dependent init gets the ``initialized`` flag the base runs it by."""
+        c = self.image_shape[0]
+        n_colors = c if self.likelihood.sequential_channels else 1
+        wrong = TypeError(
+            f"pixelcnn must build a lightning_modules.backbone.PixelDecoder, got {factory!r};"
+            " give a class_path such as lightning_modules.backbone.GatedPixelCNN"
+        )
+        try:
+            net = as_factory(factory)(
+                in_channels or c,
+                self.likelihood.num_params(c),
+                n_colors,
+                cond_vec_dim,
+                cond_map_channels,
+            )
+        except TypeError as error:  # not called as a PixelDecoder is, most likely not one
+            if network_config(factory) is None:
+                raise wrong from error
+            raise
+        if not isinstance(net, PixelDecoder):
+            raise wrong
+        if net.needs_data_init and not hasattr(self, "initialized"):
+            # saved in checkpoints, so a resumed run skips the init
+            self.register_buffer("initialized", torch.tensor(False))
+        return net
 
     def sample_pixels(self, n: int, params_fn, context_rows: int, noise=None) -> torch.Tensor:
         """n images drawn from this model's likelihood pixel by pixel (R -> G -> B within a
@@ -366,6 +414,28 @@ class ImageModel(L.LightningModule):
             if dist.is_available() and dist.is_initialized():
                 for p in self.parameters():
                     dist.broadcast(p.data, src=0)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
+        """Lightning's; a checkpoint whose model options predate the ``pixelcnn`` option fails
+        with a message that says so (``arvae test --ckpt_path`` translates them)."""
+        try:
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        except Exception as error:
+            ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
+            saved = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if k[0] != "_"}
+            name = (ckpt.get("hyper_parameters") or {}).get("_class_path", cls.__name__)
+            upgraded = legacy_options.upgrade(name, saved)
+            if upgraded != saved:
+                old = ", ".join(sorted(saved.keys() - upgraded.keys()))
+                raise ValueError(
+                    f"{checkpoint_path}: its model options are those of arvae up to commit"
+                    f" {legacy_options.LAST_COMMIT} ({old}),"
+                    " before every model took its network as one `pixelcnn` option. Test it with"
+                    " `arvae test --ckpt_path FILE`, which translates them, or read it with"
+                    f" that commit: git checkout {legacy_options.LAST_COMMIT}"
+                ) from error
+            raise
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["arvae_run_seed"] = self.run_seed

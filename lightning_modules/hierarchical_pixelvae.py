@@ -16,8 +16,8 @@ top a vector (the paper's 1x1 level).
   authors' code; ``tests/test_hierarchical.py`` checks it against the Monte-Carlo KL.
 
 Ablations of §4.2 as switches: ``prior: gaussian`` (a factorized Gaussian decoder at the
-higher levels), one level only (``latent_channels: [C]``), and ``n_pixelcnn_layers: 0``
-(a factorized 256-way output: the "convolutional VAE" baselines).
+higher levels), one level only (``latent_channels: [C]``), and ``pixelcnn: null`` (a
+factorized 256-way output: the "convolutional VAE" baselines).
 """
 
 from itertools import pairwise
@@ -29,6 +29,7 @@ from torch import nn
 
 from .backbone import (
     GatedPixelCNN,
+    PixelDecoderFactory,
     PixelEmbedding,
     from_vector,
     he_init_,
@@ -75,10 +76,12 @@ class HierarchicalPixelVAE(ImageModel):
         latent_width: width of the higher-level encoders and decoders (E.2: 512).
         blocks: plain residual blocks per resolution stage, after the resampling block.
         embed_dim: size of the pixel embedding per colour channel (E.2: 48 = 3 x 16).
-        n_pixelcnn_layers: gated PixelCNN layers of p(x|z1); 0 = factorized output. E.2 has 3
-            gated residual blocks of two masked 3x3 convolutions each: 6 masked layers here.
-        pixelcnn_channels / pixel_kernel / pixel_first_kernel: width (a multiple of the
-            number of colours) and filter sizes of those layers.
+        pixelcnn: the pixel network of p(x|z1) by class_path and options (null = factorized
+            output); it reads the pixel embedding and is conditioned on z1's decoded map.
+            E.2 has 3 gated residual blocks of two masked 3x3 convolutions each, 384 wide: a
+            GatedPixelCNN with n_layers 6, channels 384 (a multiple of the colours), kernel
+            and first_kernel 3, as in the shipped configs. Networks with a data-dependent
+            init (PixelCNN++) are not supported here yet.
         prior: "pixelcnn" (autoregressive p(z_i|z_{i+1})) or "gaussian" (factorized).
         n_prior_layers / prior_channels / prior_kernel / prior_first_kernel: the latent
             PixelCNNs (E.2: a 5x5 masked layer, then 3 gated blocks of two 3x3 layers, 512
@@ -94,10 +97,7 @@ class HierarchicalPixelVAE(ImageModel):
         latent_width: int = 512,
         blocks: int = 2,
         embed_dim: int = 16,
-        n_pixelcnn_layers: int = 6,
-        pixelcnn_channels: int = 384,
-        pixel_kernel: int = 3,
-        pixel_first_kernel: int = 3,
+        pixelcnn: PixelDecoderFactory | None = GatedPixelCNN,
         prior: Literal["pixelcnn", "gaussian"] = "pixelcnn",
         n_prior_layers: int = 7,
         prior_channels: int = 512,
@@ -141,22 +141,22 @@ class HierarchicalPixelVAE(ImageModel):
                 )
             ]
         )
-        out_channels = colours * self.likelihood.params_per_channel
-        if n_pixelcnn_layers == 0:
+        if pixelcnn is None:
             self.pixelcnn = None
-            self.factorized_head = pre_activation_head(pixel_widths[0], out_channels)
+            self.factorized_head = pre_activation_head(
+                pixel_widths[0], self.likelihood.num_params(colours)
+            )
         else:
             self.dec_embed = PixelEmbedding(n_values, embed_dim)
-            self.pixelcnn = GatedPixelCNN(
-                embed_dim * colours,
-                out_channels,
-                n_pixelcnn_layers,
-                pixelcnn_channels,
-                pixel_first_kernel,
-                pixel_kernel,
-                n_colors=colours,
-                cond_map_channels=pixel_widths[0],
+            self.pixelcnn = self.pixel_decoder(
+                pixelcnn, in_channels=embed_dim * colours, cond_map_channels=pixel_widths[0]
             )
+            if self.pixelcnn.needs_data_init:
+                raise ValueError(
+                    f"{type(self.pixelcnn).__name__} needs a data-dependent init, which"
+                    " HierarchicalPixelVAE does not run yet: use a GatedPixelCNN or"
+                    " PlainPixelCNN as its pixelcnn"
+                )
         # z_{i+1} -> map at z_i's size -> p(z_i|z_{i+1})
         self.priors = nn.ModuleList()
         for i in range(1, len(sizes)):
@@ -178,11 +178,11 @@ class HierarchicalPixelVAE(ImageModel):
                     GatedPixelCNN(
                         c_below,
                         2 * c_below,
-                        n_prior_layers,
-                        prior_channels,
-                        prior_first_kernel,
-                        prior_kernel,
                         cond_map_channels=latent_width,
+                        n_layers=n_prior_layers,
+                        channels=prior_channels,
+                        first_kernel=prior_first_kernel,
+                        kernel=prior_kernel,
                     )
                 )
             else:

@@ -1,41 +1,28 @@
-"""PixelCNN without latents: the exact-likelihood reference of every comparison."""
+"""PixelCNN without latents: the exact-likelihood reference of every comparison.
 
-from typing import Literal
+log p(x) = sum_i log p(x_i | x_<i) with any pixel network of the backbone (``pixelcnn``:
+gated by default, plain, VLAE's local one or PixelCNN++) and any likelihood.
+"""
 
 import torch
 
-from .backbone import GatedPixelCNN, PlainPixelCNN, he_init_
+from .backbone import GatedPixelCNN, PixelDecoderFactory
 from .base import ImageModel
-
-PIXELCNNS = {"gated": GatedPixelCNN, "plain": PlainPixelCNN}
 
 
 class PixelCNN(ImageModel):
-    """Gated (van den Oord 2016b) or plain (2016a) PixelCNN; exact NLL, no latent.
+    """An autoregressive image model with no latent; exact NLL.
 
     Args:
-        n_layers: masked layers (the first k_first x k_first with mask A).
-        channels: feature channels of every masked layer.
-        first_kernel / kernel: filter sizes of the first and of later masked layers.
-        kind: "gated" or "plain".
+        pixelcnn: the pixel network (``lightning_modules.backbone.PixelDecoder``) by
+            class_path with its options, e.g. GatedPixelCNN (van den Oord 2016b),
+            PlainPixelCNN (2016a), PixelCNNppNet.
         **kwargs: the shared options of :class:`ImageModel`.
     """
 
-    def __init__(
-        self,
-        n_layers: int = 12,
-        channels: int = 32,
-        first_kernel: int = 7,
-        kernel: int = 5,
-        kind: Literal["gated", "plain"] = "gated",
-        **kwargs,
-    ) -> None:
+    def __init__(self, pixelcnn: PixelDecoderFactory = GatedPixelCNN, **kwargs) -> None:
         super().__init__(**kwargs)
-        c = self.image_shape[0]
-        self.net = PIXELCNNS[kind](
-            c, c * self.likelihood.params_per_channel, n_layers, channels, first_kernel, kernel, c
-        )
-        he_init_(self)
+        self.net = self.pixel_decoder(pixelcnn)
 
     def elbo_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         self.check_input(x)
@@ -44,6 +31,9 @@ class PixelCNN(ImageModel):
     def params(self, x: torch.Tensor) -> torch.Tensor:
         """Likelihood parameters of every pixel of x (causal in x)."""
         return self.net(self.likelihood.network_input(x))
+
+    def data_dependent_init(self, x: torch.Tensor) -> None:
+        self.net.init_from_data(self.likelihood.network_input(x))
 
     def sample_noise(self, n: int, generator: torch.Generator | None = None):
         return {"x": self.likelihood.noise((n, *self.image_shape), generator)}

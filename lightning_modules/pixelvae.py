@@ -3,7 +3,7 @@
 Conv encoder -> diagonal Gaussian q(z|x) -> decoder. The decoder is a few PixelCNN layers
 conditioned on z either through the upsampled feature map of a transposed-conv decoder
 ("upsample", Table 1 "PixelVAE"/"Gated PixelVAE") or through a linear map of z into every
-gate ("vector", "Gated PixelVAE without upsampling"). With ``n_pixelcnn_layers=0`` it is the
+gate ("vector", "Gated PixelVAE without upsampling"). With ``pixelcnn: null`` it is the
 plain convolutional VAE with a factorized Bernoulli output.
 """
 
@@ -13,10 +13,16 @@ import torch
 from einops import rearrange, repeat
 from torch import nn
 
-from .backbone import MNISTDecoder, MNISTEncoder, he_init_, zero_init_
+from .backbone import (
+    GatedPixelCNN,
+    MNISTDecoder,
+    MNISTEncoder,
+    PixelDecoderFactory,
+    he_init_,
+    zero_init_,
+)
 from .base import ImageModel
 from .likelihoods import DiagonalGaussian
-from .pixelcnn import PIXELCNNS
 
 Cond = tuple[torch.Tensor | None, torch.Tensor | None]  # (cond_vec, cond_map)
 
@@ -26,57 +32,48 @@ class PixelVAE(ImageModel):
 
     Args:
         latent_dim: dimensionality of z.
-        n_pixelcnn_layers: masked PixelCNN layers in the decoder (0 = factorized decoder).
+        pixelcnn: the pixel network of p(x|z) by class_path and options (default: a gated
+            PixelCNN, van den Oord 2016b, of 3 masked layers, 32 channels, filters 7 then 5;
+            PlainPixelCNN is 2016a's); null = the factorized decoder.
         conditioning: "upsample" (feature map from transposed convs, added via 1x1 convs)
             or "vector" (z linearly into every gate; no upsampling decoder at all).
-        pixelcnn: "gated" (van den Oord 2016b) or "plain" (2016a) masked layers.
-        pixelcnn_channels / first_kernel / kernel: width and filter sizes of those layers.
         **kwargs: the shared options of :class:`ImageModel` (lr, KL warm-up, free bits, IWAE).
     """
 
     def __init__(
         self,
         latent_dim: int = 16,
-        n_pixelcnn_layers: int = 3,
+        pixelcnn: PixelDecoderFactory | None = GatedPixelCNN,
         conditioning: Literal["upsample", "vector"] = "upsample",
-        pixelcnn: Literal["gated", "plain"] = "gated",
-        pixelcnn_channels: int = 32,
-        first_kernel: int = 7,
-        kernel: int = 5,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         if self.image_shape[1:] != (28, 28):
             raise ValueError(f"the appendix E.1 networks need 28x28 images, got {self.image_shape}")
-        if conditioning == "vector" and n_pixelcnn_layers == 0:
+        if conditioning == "vector" and pixelcnn is None:
             raise ValueError(
-                'conditioning="vector" needs n_pixelcnn_layers >= 1: without PixelCNN layers '
-                'there is nothing for z to condition; use conditioning="upsample".'
+                'conditioning="vector" needs a pixelcnn: without PixelCNN layers there is'
+                ' nothing for z to condition; use conditioning="upsample".'
             )
         c = self.image_shape[0]
-        out_channels = c * self.likelihood.params_per_channel
         self.latent_dim = latent_dim
         self.latent_shapes = {"z": (latent_dim,)}
         self.conditioning = conditioning
         self.encoder = MNISTEncoder(latent_dim, c)
         self.decoder = MNISTDecoder(latent_dim) if conditioning == "upsample" else None
         cond_map_channels = MNISTDecoder.out_channels if conditioning == "upsample" else 0
-        if n_pixelcnn_layers == 0:
+        he_init_(self)  # the encoder and decoder; the pixel network initializes itself
+        if pixelcnn is None:
             self.pixelcnn = None
-            self.factorized_head = nn.Conv2d(cond_map_channels, out_channels, 1)
+            self.factorized_head = he_init_(
+                nn.Conv2d(cond_map_channels, self.likelihood.num_params(c), 1)
+            )
         else:
-            self.pixelcnn = PIXELCNNS[pixelcnn](
-                c,
-                out_channels,
-                n_pixelcnn_layers,
-                pixelcnn_channels,
-                first_kernel,
-                kernel,
-                c,
+            self.pixelcnn = self.pixel_decoder(
+                pixelcnn,
                 cond_vec_dim=latent_dim if conditioning == "vector" else 0,
                 cond_map_channels=cond_map_channels,
             )
-        he_init_(self)
         zero_init_(self.encoder[-1])
 
     # ------------------------------------------------------------------ pieces
@@ -96,6 +93,12 @@ class PixelVAE(ImageModel):
         if self.pixelcnn is None:
             return self.factorized_head(cond[1])
         return self.pixelcnn(self.likelihood.network_input(x), *cond)
+
+    def data_dependent_init(self, x: torch.Tensor) -> None:
+        """The pixel network's init (PixelCNN++) on x, conditioned on z = the posterior mean."""
+        self.pixelcnn.init_from_data(
+            self.likelihood.network_input(x), *self.condition(self.encode(x)[0])
+        )
 
     # ---------------------------------------------------------------- contract
     def elbo_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

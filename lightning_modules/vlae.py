@@ -8,8 +8,9 @@ autoregressive flow (AF), which the paper shows equals an IAF posterior on the e
 but gives a deeper generative path (eqs. 12-14).
 
 Switches for the paper's comparisons: ``prior`` "af" | "gaussian", ``posterior``
-"gaussian" | "iaf", ``decoder`` "pixelcnn" | "factorized" (Bernoulli per pixel from the
-map) | "unconditional" (the PixelCNN alone, no latent: Tables 2-4 "Unconditional Decoder").
+"gaussian" | "iaf", ``pixelcnn: null`` (a factorized decoder: Bernoulli per pixel from the
+map) and ``latent: false`` (the PixelCNN alone, no latent: Tables 2-4 "Unconditional
+Decoder").
 
 KL: analytic for a Gaussian posterior and prior; with a flow on either side a single-sample
 estimate log q(z|x) - log p(z) on the same z as the reconstruction term (the ELBO is
@@ -27,6 +28,7 @@ from .backbone import (
     AutoregressiveFlowPrior,
     IAFPosterior,
     LocalPixelCNN,
+    PixelDecoderFactory,
     data_dependent_init_,
     resnet,
     weight_norm_,
@@ -48,12 +50,13 @@ class VLAE(ImageModel):
         prior: "af" (autoregressive flow over N(0, I)) or "gaussian".
         posterior: "gaussian" (diagonal q(z|x)) or "iaf" (IAF on it, conditioned on a
             context vector from the encoder).
-        decoder: "pixelcnn", "factorized" or "unconditional" (see the module docstring).
+        pixelcnn: the pixel network by class_path and options (default: the local
+            PixelCNN of appendix A, 12 filters, 6 masked 3x3 layers, 4 1x1 blocks, tied;
+            see LocalPixelCNN); null = the factorized decoder.
+        latent: false = no VAE, the pixel network alone ("Unconditional Decoder").
         width / blocks: channels of the ResNet VAE and residual blocks per resolution
             (28, 14, 7) after each resampling block.
         cond_channels: channels of the decoder map given to the PixelCNN (4).
-        pixelcnn_channels / n_masked / n_1x1_blocks / tie_weights: the local PixelCNN
-            (12 filters, 6 masked 3x3 layers, 4 1x1 blocks, tied; see LocalPixelCNN).
         flow_steps / flow_hidden / flow_hidden_layers / flow_mean_only: the AF prior or IAF
             posterior: 4 steps of a MADE with two hidden layers of 640 ReLUs, mean-only.
         context_dim: size of the IAF context vector from the encoder.
@@ -69,14 +72,11 @@ class VLAE(ImageModel):
         latent_dim: int = 64,
         prior: Literal["af", "gaussian"] = "af",
         posterior: Literal["gaussian", "iaf"] = "gaussian",
-        decoder: Literal["pixelcnn", "factorized", "unconditional"] = "pixelcnn",
+        pixelcnn: PixelDecoderFactory | None = LocalPixelCNN,
+        latent: bool = True,
         width: int = 64,
         blocks: int = 2,
         cond_channels: int = 4,
-        pixelcnn_channels: int = 12,
-        n_masked: int = 6,
-        n_1x1_blocks: int = 4,
-        tie_weights: bool = True,
         flow_steps: int = 4,
         flow_hidden: int = 640,
         flow_hidden_layers: int = 2,
@@ -92,8 +92,9 @@ class VLAE(ImageModel):
                 f" {self.image_shape} {self.data_kind} data"
             )
         self.latent_dim = latent_dim
-        self.decoder_kind = decoder
-        self.has_latent = decoder != "unconditional"
+        if not latent and pixelcnn is None:
+            raise ValueError("latent: false needs a pixelcnn: there would be no model left")
+        self.has_latent = latent
         self.latent_shapes = {"z": (latent_dim,)} if self.has_latent else {}
         self.context_dim = context_dim if posterior == "iaf" else 0
         self.encoder = self.decoder = self.prior_flow = self.posterior_flow = None
@@ -108,7 +109,7 @@ class VLAE(ImageModel):
                 Rearrange("b c h w -> b (c h w)"),
                 head,
             )
-            out = cond_channels if decoder == "pixelcnn" else 1
+            out = cond_channels if pixelcnn is not None else 1
             self.decoder = nn.Sequential(
                 nn.Linear(latent_dim, width * BOTTOM**2),
                 Rearrange("b (c h w) -> b c h w", h=BOTTOM, w=BOTTOM),
@@ -126,15 +127,16 @@ class VLAE(ImageModel):
                     latent_dim, context_dim, mean_only=flow_mean_only, **flow
                 )
             skip = [head, *filter(None, (self.prior_flow, self.posterior_flow))]
-        if decoder != "factorized":
-            self.pixelcnn = LocalPixelCNN(
-                out_channels=1,
-                cond_channels=cond_channels if self.has_latent else 0,
-                channels=pixelcnn_channels,
-                n_masked=n_masked,
-                n_1x1_blocks=n_1x1_blocks,
-                tie_weights=tie_weights,
+        if pixelcnn is not None:
+            self.pixelcnn = self.pixel_decoder(
+                pixelcnn, cond_map_channels=cond_channels if self.has_latent else 0
             )
+            if self.pixelcnn.needs_data_init:
+                raise ValueError(
+                    f"{type(self.pixelcnn).__name__} brings its own data-dependent init, which"
+                    " VLAE's (every weight-normalized layer from one batch) does not run yet:"
+                    " use LocalPixelCNN, GatedPixelCNN or PlainPixelCNN"
+                )
         self.weight_norm = weight_norm
         if weight_norm:
             weight_norm_(self, skip=tuple(skip))
@@ -169,7 +171,7 @@ class VLAE(ImageModel):
         """Bernoulli logits of every pixel of x given the decoder map (None: unconditional)."""
         if self.pixelcnn is None:
             return cond_map
-        return self.pixelcnn(self.likelihood.network_input(x), cond_map)
+        return self.pixelcnn(self.likelihood.network_input(x), None, cond_map)
 
     def log_px_z(self, x: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
         cond_map = None if z is None else self.decoder(z)
@@ -240,7 +242,7 @@ class VLAE(ImageModel):
         x' is what z encodes; what changes is left to the PixelCNN."""
         self.check_input(x)
         if not self.has_latent:
-            raise ValueError('decoder="unconditional" has no latent code to decompress from')
+            raise ValueError("latent: false has no latent code to decompress from")
         eps = DiagonalGaussian.noise((x.shape[0], self.latent_dim), generator).to(self.device)
         z, _ = self.posterior_sample(*self.encode(x), eps)
         noise = self.likelihood.noise(tuple(x.shape), generator)

@@ -62,7 +62,13 @@ def assert_causal(f, n_colors: int, in_channels: int, out_channels: int, blind_s
 @pytest.mark.parametrize("n_layers", [1, 2, 4])
 def test_gated_pixelcnn_is_causal_without_blind_spot(n_layers, n_colors):
     net = GatedPixelCNN(
-        n_colors, 2 * n_colors, n_layers, channels=6, first_kernel=7, kernel=5, n_colors=n_colors
+        n_colors,
+        2 * n_colors,
+        n_layers=n_layers,
+        channels=6,
+        first_kernel=7,
+        kernel=5,
+        n_colors=n_colors,
     ).double()
     # 4 layers of 5x5 after a 7x7 see every earlier pixel of a 6x7 image: no blind spot
     assert_causal(net.double(), n_colors, n_colors, 2 * n_colors, blind_spot_free=n_layers == 4)
@@ -71,7 +77,7 @@ def test_gated_pixelcnn_is_causal_without_blind_spot(n_layers, n_colors):
 @pytest.mark.parametrize("n_colors", [1, 3])
 def test_plain_pixelcnn_is_causal(n_colors):
     net = PlainPixelCNN(
-        n_colors, n_colors, 3, channels=6, first_kernel=3, kernel=3, n_colors=n_colors
+        n_colors, n_colors, n_layers=3, channels=6, first_kernel=3, kernel=3, n_colors=n_colors
     ).double()
     assert_causal(net, n_colors, n_colors, n_colors, blind_spot_free=False)
 
@@ -99,7 +105,7 @@ def test_both_stacks_are_causal_after_n_layers():
 
 
 def test_conditioning_reaches_every_position_without_breaking_causality():
-    net = GatedPixelCNN(1, 1, 2, channels=4, cond_vec_dim=3, cond_map_channels=2).double()
+    net = GatedPixelCNN(1, 1, n_layers=2, channels=4, cond_vec_dim=3, cond_map_channels=2).double()
     x = torch.randn(1, 1, H, W, dtype=torch.float64)
     vec = torch.randn(1, 3, dtype=torch.float64, requires_grad=True)
     cmap = torch.randn(1, 2, H, W, dtype=torch.float64, requires_grad=True)
@@ -135,7 +141,7 @@ def test_autoregressive_bernoulli_sums_to_one_over_all_images():
     """sum over all 2^(h*w) binary images of p(x) = 1, for an untrained conditional net."""
     h, w = 2, 3
     net = GatedPixelCNN(
-        1, 1, 2, channels=4, first_kernel=3, kernel=3, cond_vec_dim=2, cond_map_channels=1
+        1, 1, n_layers=2, channels=4, first_kernel=3, kernel=3, cond_vec_dim=2, cond_map_channels=1
     ).double()
     bits = torch.tensor(list(itertools.product([0.0, 1.0], repeat=h * w)), dtype=torch.float64)
     x = bits.view(-1, 1, h, w)
@@ -173,7 +179,7 @@ def test_rgb_pixelcnn_on_embedded_pixels_is_channel_causal():
     embedding (output channel e * 3 + c belongs to colour c) and with weight norm on."""
     embed_dim, n_values = 2, 4
     net = GatedPixelCNN(
-        3 * embed_dim, 3 * n_values, 2, channels=6, first_kernel=3, kernel=3, n_colors=3
+        3 * embed_dim, 3 * n_values, n_layers=2, channels=6, first_kernel=3, kernel=3, n_colors=3
     )
     net = weight_norm_masked_(net).double()
     assert_causal(net, 3, 3 * embed_dim, 3 * n_values, blind_spot_free=False)
@@ -202,7 +208,7 @@ def test_rgb_categorical_pixelcnn_sums_to_one_over_all_images():
     net = GatedPixelCNN(
         3 * embed_dim,
         3 * n_values,
-        2,
+        n_layers=2,
         channels=6,
         first_kernel=3,
         kernel=3,
@@ -248,7 +254,9 @@ def test_autoregressive_gaussian_prior_integrates_to_one():
     channel: its density integrates to 1 over the plane (the second value's Gaussian
     depends on the first)."""
     torch.manual_seed(0)
-    net = GatedPixelCNN(1, 2, 2, channels=4, first_kernel=3, kernel=3, cond_map_channels=1).double()
+    net = GatedPixelCNN(
+        1, 2, n_layers=2, channels=4, first_kernel=3, kernel=3, cond_map_channels=1
+    ).double()
     with torch.no_grad():  # keep the std away from tiny values, so the grid resolves it
         net.head.out.bias.copy_(torch.tensor([0.0, 0.3]))
     grid = torch.linspace(-9, 9, 601, dtype=torch.float64)
@@ -321,7 +329,9 @@ def test_sampling_with_a_receptive_field_window_is_exact(kind):
     torch.manual_seed(0)
     cat = Categorical(4)
     cls = GatedPixelCNN if kind == "gated" else PlainPixelCNN
-    net = cls(3, 12, 3, channels=6, first_kernel=5, kernel=3, n_colors=3, cond_map_channels=2)
+    net = cls(
+        3, 12, n_layers=3, channels=6, first_kernel=5, kernel=3, n_colors=3, cond_map_channels=2
+    )
     cmap = torch.randn(2, 2, 9, 5)
     noise = cat.noise((2, 3, 9, 5))
 

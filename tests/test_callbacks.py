@@ -8,6 +8,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from decoders import gated
 from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 from tiny_data import TinyBinary, TinyColour
@@ -32,7 +33,7 @@ def one_thread():
 
 def tiny_vae(cls: type[PixelVAE] = PixelVAE) -> PixelVAE:
     torch.manual_seed(0)
-    return cls(latent_dim=4, n_pixelcnn_layers=1, pixelcnn_channels=8, iwae_k=3)
+    return cls(latent_dim=4, pixelcnn=gated(n_layers=1, channels=8), iwae_k=3)
 
 
 class InvertingVAE(PixelVAE):
@@ -202,7 +203,10 @@ def test_test_report_json(tmp_path):
     assert report["datamodule"] == "TinyBinary"
     assert report["data"]["n_test"] == 9 and report["data"]["batch_size"] == 16
     assert report["hparams"] == json.loads(json.dumps(dict(model.hparams)))
-    assert report["hparams"]["latent_dim"] == 4 and report["hparams"]["pixelcnn_channels"] == 8
+    assert (
+        report["hparams"]["latent_dim"] == 4
+        and report["hparams"]["pixelcnn"]["init_args"]["channels"] == 8
+    )
     assert report["iwae_k"] == 3
     assert report["n_test_examples"] == 9
     assert report["ckpt_path"] is None  # the in-memory model was tested
@@ -218,7 +222,8 @@ def test_noise_variation_holds_every_level_but_one(tmp_path):
     torch.manual_seed(0)
     model = HierarchicalPixelVAE(
         image_shape=(3, 8, 8), latent_channels=(2, 3), latent_sizes=(4, 1), pixel_widths=(6, 8),
-        latent_width=8, blocks=1, embed_dim=2, n_pixelcnn_layers=1, pixelcnn_channels=6,
+        latent_width=8, blocks=1, embed_dim=2,
+        pixelcnn=gated(n_layers=1, channels=6, first_kernel=3, kernel=3),
         n_prior_layers=1, prior_channels=4,
     ).eval()  # fmt: skip
     callback = NoiseVariation(n_rows=2, n_variations=3, n_reconstructions=2)

@@ -26,8 +26,8 @@ METRICS = ("test/nelbo", "test/recon", "test/kl/z", "test/nll_iwae")
 TINY_MODEL = [
     "--model.class_path", "lightning_modules.PixelVAE",
     "--model.init_args.latent_dim", "4",
-    "--model.init_args.n_pixelcnn_layers", "1",
-    "--model.init_args.pixelcnn_channels", "8",
+    "--model.init_args.pixelcnn.init_args.n_layers", "1",
+    "--model.init_args.pixelcnn.init_args.channels", "8",
     "--model.init_args.iwae_k", "4",
 ]  # fmt: skip
 QUIET = [

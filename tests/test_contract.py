@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from decoders import gated
 from test_cli import QUIET, arvae, ok, read_report
 
 from lightning_modules import VLAE, HierarchicalPixelVAE, PixelCNN, PixelVAE
@@ -35,7 +36,7 @@ def moved_off_start(model: torch.nn.Module) -> torch.nn.Module:
 # odd latent sizes: CPU torch.randn draws vectors of fewer than 16 numbers, and blocks that
 # are no multiple of 16, differently from one larger draw of the same numbers
 LATENT_MODELS = {
-    "PixelVAE": lambda: PixelVAE(latent_dim=5, n_pixelcnn_layers=1, pixelcnn_channels=8),
+    "PixelVAE": lambda: PixelVAE(latent_dim=5, pixelcnn=gated(n_layers=1, channels=8)),
     "VLAE-iaf": lambda: VLAE(
         latent_dim=7, width=4, blocks=1, flow_hidden=20, posterior="iaf", context_dim=3
     ),
@@ -47,8 +48,7 @@ LATENT_MODELS = {
         latent_width=8,
         blocks=1,
         embed_dim=2,
-        n_pixelcnn_layers=1,
-        pixelcnn_channels=6,
+        pixelcnn=gated(n_layers=1, channels=6, first_kernel=3, kernel=3),
         n_prior_layers=1,
         prior_channels=4,
     ),
@@ -114,7 +114,7 @@ class Undeclared(PixelVAE):
 
 def small(cls, **kwargs):
     torch.manual_seed(0)
-    return cls(latent_dim=3, n_pixelcnn_layers=1, pixelcnn_channels=8, **kwargs)
+    return cls(latent_dim=3, pixelcnn=gated(n_layers=1, channels=8), **kwargs)
 
 
 def test_declared_terms_build_the_bound_and_the_loss():
@@ -147,7 +147,10 @@ def test_the_likelihood_is_an_option_and_data_kind_only_the_default():
     data_kind; its probabilities sum to one over the 16 values of a 1x1 image."""
     torch.manual_seed(0)
     model = PixelCNN(
-        image_shape=(1, 1, 1), data_kind="8bit", likelihood=Categorical(16), n_layers=1
+        image_shape=(1, 1, 1),
+        data_kind="8bit",
+        likelihood=Categorical(16),
+        pixelcnn=gated(n_layers=1),
     ).eval()
     assert model.hparams.likelihood.n_values == 16
     values = torch.arange(16.0).view(16, 1, 1, 1)
@@ -155,8 +158,10 @@ def test_the_likelihood_is_an_option_and_data_kind_only_the_default():
     assert float(log_p.exp().sum()) == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(ValueError, match="16-way categorical.*0..15"):
         model.elbo_terms(torch.full((1, 1, 1, 1), 16.0))
-    assert isinstance(PixelCNN(n_layers=1).likelihood, Bernoulli)
-    assert isinstance(PixelCNN(n_layers=1, data_kind="8bit").likelihood, Categorical)
+    assert isinstance(PixelCNN(pixelcnn=gated(n_layers=1)).likelihood, Bernoulli)
+    assert isinstance(
+        PixelCNN(pixelcnn=gated(n_layers=1), data_kind="8bit").likelihood, Categorical
+    )
 
 
 @pytest.mark.parametrize(

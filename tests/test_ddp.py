@@ -15,6 +15,7 @@ from typing import NamedTuple
 import lightning as L
 import pytest
 import torch
+from decoders import gated
 from lightning.pytorch.loggers import CSVLogger
 from test_cli import (
     DDP_TIMEOUT,
@@ -53,8 +54,8 @@ MODELS = {
     "PixelCNN": Model(
         [
             "--model.class_path", "lightning_modules.PixelCNN",
-            "--model.init_args.n_layers", "2",
-            "--model.init_args.channels", "8",
+            "--model.init_args.pixelcnn.init_args.n_layers", "2",
+            "--model.init_args.pixelcnn.init_args.channels", "8",
             *TINY_DATA,
         ],
         TINY_DATA,
@@ -82,8 +83,10 @@ MODELS = {
             "--model.init_args.latent_width", "8",
             "--model.init_args.blocks", "1",
             "--model.init_args.embed_dim", "2",
-            "--model.init_args.n_pixelcnn_layers", "2",
-            "--model.init_args.pixelcnn_channels", "6",
+            "--model.init_args.pixelcnn.init_args.n_layers", "2",
+            "--model.init_args.pixelcnn.init_args.channels", "6",
+            "--model.init_args.pixelcnn.init_args.first_kernel", "3",
+            "--model.init_args.pixelcnn.init_args.kernel", "3",
             "--model.init_args.n_prior_layers", "2",
             "--model.init_args.prior_channels", "4",
             "--model.init_args.iwae_k", "4",
@@ -328,7 +331,7 @@ def test_figures_do_not_change_the_training(tmp_path):
     weights = []
     for figures in ([], grids):
         L.seed_everything(0, verbose=False)
-        model = PixelVAE(latent_dim=4, n_pixelcnn_layers=1, pixelcnn_channels=8, iwae_k=2)
+        model = PixelVAE(latent_dim=4, pixelcnn=gated(n_layers=1, channels=8), iwae_k=2)
         trainer = L.Trainer(
             accelerator="cpu",
             max_epochs=2,

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from decoders import gated
 
 from lightning_modules import HierarchicalPixelVAE
 from lightning_modules.hierarchical_pixelvae import last_layer
@@ -16,8 +17,7 @@ TINY = dict(
     pixel_widths=(6, 8),
     latent_width=8,
     embed_dim=2,
-    n_pixelcnn_layers=1,
-    pixelcnn_channels=6,
+    pixelcnn=gated(n_layers=1, channels=6, first_kernel=3, kernel=3),
     n_prior_layers=1,
     prior_channels=4,
     iwae_batch=100_000,
@@ -53,7 +53,7 @@ def move_posteriors_off_the_prior(model: HierarchicalPixelVAE) -> None:
         dict(),
         dict(prior="gaussian"),
         dict(latent_channels=(2,), latent_sizes=(4,)),
-        dict(n_pixelcnn_layers=0),
+        dict(pixelcnn=None),
         dict(latent_channels=(2, 2, 3), latent_sizes=(8, 4, 1), pixel_widths=(6,)),
     ],
     ids=["two-level", "gaussian-prior", "one-level", "factorized-output", "three-level"],
@@ -154,6 +154,6 @@ def test_invalid_level_layouts_are_rejected():
     with pytest.raises(ValueError, match="one entry per level"):
         HierarchicalPixelVAE(**{**TINY, "latent_channels": (2,)})
     with pytest.raises(ValueError, match="multiple of n_colors"):
-        HierarchicalPixelVAE(**{**TINY, "pixelcnn_channels": 4})
+        HierarchicalPixelVAE(**{**TINY, "pixelcnn": gated(n_layers=1, channels=4)})
     with pytest.raises(ValueError, match=r"expects images shaped \(B, 3, 8, 8\)"):
         tiny_model().elbo_terms(torch.zeros(2, 1, 8, 8))

@@ -7,6 +7,7 @@ import shutil
 import lightning as L
 import pytest
 import torch
+from decoders import gated, plain
 
 from lightning_modules import PixelCNN, PixelVAE
 
@@ -23,7 +24,7 @@ def binary_images(n: int, seed: int = 0) -> torch.Tensor:
 
 def small_vae(**kwargs) -> PixelVAE:
     torch.manual_seed(0)
-    defaults = dict(latent_dim=4, n_pixelcnn_layers=1, pixelcnn_channels=8, iwae_batch=10_000)
+    defaults = dict(latent_dim=4, pixelcnn=gated(n_layers=1, channels=8), iwae_batch=10_000)
     return PixelVAE(**{**defaults, **kwargs}).eval()
 
 
@@ -32,8 +33,8 @@ def small_vae(**kwargs) -> PixelVAE:
     [
         dict(),
         dict(conditioning="vector"),
-        dict(n_pixelcnn_layers=0),
-        dict(pixelcnn="plain", n_pixelcnn_layers=2),
+        dict(pixelcnn=None),
+        dict(pixelcnn=plain(n_layers=2, channels=8)),
     ],
 )
 def test_iwae_bound_is_above_elbo_and_tightens_with_k(kwargs):
@@ -68,14 +69,16 @@ def test_evaluation_noise_is_per_example():
 
 
 def test_pixelcnn_bound_is_exact_likelihood():
-    model = PixelCNN(n_layers=2, channels=8).eval()
+    model = PixelCNN(pixelcnn=gated(n_layers=2, channels=8)).eval()
     x = binary_images(3)
     with torch.no_grad():
         exact = -model.elbo_terms(x)["recon"]
         torch.testing.assert_close(model.log_likelihood_bound(x, 100), exact)
 
 
-@pytest.mark.parametrize("model_fn", [small_vae, lambda: PixelCNN(n_layers=2, channels=8)])
+@pytest.mark.parametrize(
+    "model_fn", [small_vae, lambda: PixelCNN(pixelcnn=gated(n_layers=2, channels=8))]
+)
 def test_training_steps_lower_the_loss(model_fn):
     model = model_fn().train()
     x = binary_images(16)
@@ -118,7 +121,7 @@ def test_kl_warmup_anneals_linearly():
 def test_samples_and_reconstructions_are_binary_images():
     model = small_vae()
     x = binary_images(2)
-    for out in (model.sample(3), model.reconstruct(x), small_vae(n_pixelcnn_layers=0).sample(2)):
+    for out in (model.sample(3), model.reconstruct(x), small_vae(pixelcnn=None).sample(2)):
         assert out.shape[1:] == (1, 28, 28)
         assert set(out.unique().tolist()) <= {0.0, 1.0}
 
@@ -134,8 +137,8 @@ def test_wrong_shaped_input_names_the_problem():
 
 
 def test_invalid_model_options_are_rejected():
-    with pytest.raises(ValueError, match="needs n_pixelcnn_layers >= 1"):
-        PixelVAE(conditioning="vector", n_pixelcnn_layers=0)
+    with pytest.raises(ValueError, match="needs a pixelcnn"):
+        PixelVAE(conditioning="vector", pixelcnn=None)
     with pytest.raises(ValueError, match="28x28"):
         PixelVAE(image_shape=(1, 32, 32))
 
@@ -184,7 +187,9 @@ def test_pixelcnn_on_8bit_images_is_a_256_way_model():
     """The baseline PixelCNN on RGB 8-bit data: an exact likelihood in nats, samples with
     integer values 0..255, and a fixed noise makes sampling deterministic."""
     torch.manual_seed(0)
-    model = PixelCNN(image_shape=(3, 6, 6), data_kind="8bit", n_layers=2, channels=6).eval()
+    model = PixelCNN(
+        image_shape=(3, 6, 6), data_kind="8bit", pixelcnn=gated(n_layers=2, channels=6)
+    ).eval()
     x = torch.randint(0, 256, (3, 3, 6, 6)).float()
     with torch.no_grad():
         log_p = model.log_likelihood_bound(x, 1)

@@ -5,6 +5,7 @@ import itertools
 import lightning as L
 import pytest
 import torch
+from decoders import pixelcnnpp
 from test_cli import QUIET, REPO, arvae, ok, read_report
 
 from lightning_modules import PixelCNNpp
@@ -15,7 +16,10 @@ torch.set_num_threads(2)
 
 def small(image_shape=(3, 5, 7), **kwargs) -> PixelCNNpp:
     torch.manual_seed(0)
-    options = dict(nr_resnet=1, nr_filters=8, nr_logistic_mix=2, dropout=0.0)
+    options = dict(
+        pixelcnn=pixelcnnpp(nr_resnet=1, channels=8, dropout=0.0),
+        likelihood=DiscretizedLogisticMixture(n_mix=2),
+    )
     return PixelCNNpp(image_shape=image_shape, **{**options, **kwargs})
 
 
@@ -96,9 +100,7 @@ def test_the_bound_is_the_exact_likelihood_and_sums_to_one():
     model = PixelCNNpp(
         image_shape=(1, 2, 2),
         likelihood=DiscretizedLogisticMixture(n_mix=3, bits=1),
-        nr_resnet=1,
-        nr_filters=8,
-        dropout=0.0,
+        pixelcnn=pixelcnnpp(nr_resnet=1, channels=8, dropout=0.0),
     )
     x = torch.cartesian_prod(*[torch.arange(2.0)] * 4).view(16, 1, 2, 2)
     model = trained_a_little(model, x)
@@ -161,7 +163,7 @@ def test_smoke_config_fits_and_tests_on_the_shipped_sample(tmp_path):
         "--trainer.limit_val_batches", "1",
         "--trainer.limit_test_batches", "2",
         "--data.init_args.eval_batch_size", "10",
-        "--model.init_args.nr_filters", "8",
+        "--model.init_args.pixelcnn.init_args.channels", "8",
         cwd=tmp_path,
     )  # fmt: skip
     ok(run)

@@ -26,7 +26,7 @@ def make_net(nr_resnet: int = 1, cond: bool = False, seed: int = 0, **kw) -> Pix
         C_IN,
         C_OUT,
         nr_resnet=nr_resnet,
-        nr_filters=8,
+        channels=8,
         dropout=0.0,
         cond_vec_dim=COND_VEC if cond else 0,
         cond_map_channels=COND_MAP if cond else 0,
@@ -152,7 +152,7 @@ def test_data_dependent_init_normalizes_and_every_parameter_learns(cond):
         C_IN,
         C_OUT,
         nr_resnet=1,
-        nr_filters=8,
+        channels=8,
         dropout=0.0,
         cond_vec_dim=COND_VEC if cond else 0,
         cond_map_channels=COND_MAP if cond else 0,
@@ -185,7 +185,7 @@ def test_data_dependent_init_normalizes_and_every_parameter_learns(cond):
 @pytest.mark.parametrize("h,w", list(itertools.product([5, 7, 9, 32], repeat=2)))
 def test_output_shape_for_odd_and_even_sizes(h, w):
     torch.manual_seed(0)
-    net = PixelCNNppNet(C_IN, C_OUT, nr_resnet=1, nr_filters=8, cond_map_channels=COND_MAP).eval()
+    net = PixelCNNppNet(C_IN, C_OUT, nr_resnet=1, channels=8, cond_map_channels=COND_MAP).eval()
     x = torch.rand(2, C_IN, h, w) * 2 - 1
     quarter = torch.randn(2, COND_MAP, (h + 3) // 4, (w + 3) // 4)
     assert net(x, cond_map=quarter).shape == (2, C_OUT, h, w)
@@ -193,7 +193,7 @@ def test_output_shape_for_odd_and_even_sizes(h, w):
 
 
 def test_missing_or_unexpected_conditioning_is_an_error():
-    net = PixelCNNppNet(C_IN, C_OUT, nr_resnet=1, nr_filters=8, cond_vec_dim=COND_VEC)
+    net = PixelCNNppNet(C_IN, C_OUT, nr_resnet=1, channels=8, cond_vec_dim=COND_VEC)
     x = torch.zeros(1, C_IN, 5, 5)
     with pytest.raises(ValueError, match="cond_vec"):
         net(x)

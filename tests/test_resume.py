@@ -154,7 +154,7 @@ def test_last_checkpoint_follows_every_validation_on_a_plateau(tmp_path, every, 
     (which copies last.ckpt only beside a new best) would leave last.ckpt at that first step
     and a crash would lose every step since. It must move to each validation's step."""
     torch.manual_seed(0)
-    model = PixelVAE(latent_dim=4, n_pixelcnn_layers=0, lr=0.0)
+    model = PixelVAE(latent_dim=4, pixelcnn=None, lr=0.0)
     ckpts = tmp_path / "checkpoints"
     checkpoint = RunCheckpoint(dirpath=ckpts, monitor="val/nelbo", save_last=True)
     probe = LastCheckpointSteps(ckpts / "last.ckpt")
@@ -178,7 +178,7 @@ def test_last_checkpoint_as_a_link_is_refused(tmp_path):
         callbacks=[RunCheckpoint(dirpath=tmp_path, save_last="link")], default_root_dir=tmp_path,
     )  # fmt: skip
     with pytest.raises(ValueError, match="save_last: link .* use save_last: true"):
-        trainer.fit(PixelVAE(latent_dim=4, n_pixelcnn_layers=0), datamodule=TinyBinary())
+        trainer.fit(PixelVAE(latent_dim=4, pixelcnn=None), datamodule=TinyBinary())
     assert not list(tmp_path.glob("*.ckpt"))
 
 

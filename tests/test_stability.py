@@ -7,6 +7,7 @@ import math
 import lightning as L
 import pytest
 import torch
+from decoders import gated
 from test_cli import DDP_TIMEOUT, QUIET, TINY_DATA, TINY_MODEL, arvae
 from tiny_data import TinyBinary
 
@@ -17,7 +18,7 @@ class Flaky(PixelCNN):
     """A tiny PixelCNN whose loss is NaN on the training batches listed in ``bad``."""
 
     def __init__(self, bad: tuple[int, ...] = (), **kwargs) -> None:
-        super().__init__(n_layers=1, channels=4, lr=0.01, **kwargs)
+        super().__init__(pixelcnn=gated(n_layers=1, channels=4), lr=0.01, **kwargs)
         self.bad = set(bad)
         self.seen: list[dict[str, torch.Tensor]] = []
 

@@ -20,11 +20,12 @@ from test_cli import DDP_TIMEOUT, QUIET, REPO, TINY_DATA, TINY_MODEL, arvae, ok,
 
 from arvae import cli, sweep
 from arvae.loggers import CSVLogger
+from arvae.report import hparam
 from callbacks.run_record import check_same_config
 
 ARVAE = [sweep.ENV, sys.executable, "-m", "arvae.cli"]
 SHIPPED = {
-    "pixelvae_layers": 9,
+    "pixelvae_layers": 8,
     "pixelcnn_layers": 10,
     "vlae_receptive_field": 5,
     "pixelvae_table1": 5,
@@ -272,7 +273,7 @@ def test_every_shipped_sweep_expands_to_runs_that_parse(capsys, monkeypatch):
             if param == "config":  # a config file per run, whose runs are named after it
                 assert config["trainer"]["logger"]["init_args"]["name"] == Path(value).stem
             else:
-                assert config[section]["init_args"][key] == value, (name, value)
+                assert hparam(config[section]["init_args"], key) == value, (name, value)
 
 
 def test_the_table1_sweep_runs_every_table1_row_of_the_ledger():
@@ -292,14 +293,14 @@ def flags(args: list[str]) -> list[str]:
 
 
 def test_sweep_runs_end_to_end_and_its_parameters_reach_every_ddp_rank(tmp_path):
-    """A grid over n_pixelcnn_layers through `arvae sweep --parallel 2`: the two runs share a
+    """A grid over the PixelCNN's n_layers through `arvae sweep --parallel 2`: the two runs share a
     logger name and start together, yet each gets its own version directory, saves its own
     value in config.yaml and tests after fit. Then one run on 2 CPU ranks (DDP flags given after
     `--`): it fits, so the ranks' configuration check passed, and it records world_size 2."""
     config = {
         "program": "arvae",
         "method": "grid",
-        "parameters": {"model.init_args.n_pixelcnn_layers": {"values": [0, 1]}},
+        "parameters": {"model.init_args.pixelcnn.init_args.n_layers": {"values": [2, 1]}},
         "command": [
             "${env}", "arvae", "fit", *flags(TINY_MODEL), *flags(QUIET), *flags(TINY_DATA),
             "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
@@ -315,9 +316,10 @@ def test_sweep_runs_end_to_end_and_its_parameters_reach_every_ddp_rank(tmp_path)
     layers = set()
     for run in runs:
         saved = yaml.safe_load((run / "config.yaml").read_text())["model"]["init_args"]
-        assert read_report(run)["hparams"]["n_pixelcnn_layers"] == saved["n_pixelcnn_layers"]
-        layers.add(saved["n_pixelcnn_layers"])
-    assert layers == {0, 1}
+        n_layers = saved["pixelcnn"]["init_args"]["n_layers"]
+        assert read_report(run)["hparams"]["pixelcnn"]["init_args"]["n_layers"] == n_layers
+        layers.add(n_layers)
+    assert layers == {1, 2}
     assert len(list((tmp_path / "runs" / "sweep-logs" / "sweep").glob("run-*.log"))) == 2
 
     ddp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
@@ -325,7 +327,7 @@ def test_sweep_runs_end_to_end_and_its_parameters_reach_every_ddp_rank(tmp_path)
     ok(arvae("sweep", path, "--count", "1", "--", *ddp, cwd=tmp_path, timeout=DDP_TIMEOUT))
     run = tmp_path / "runs" / "ddp" / "version_0"
     assert json.loads((run / "run_record.json").read_text())["world_size"] == 2
-    assert read_report(run)["hparams"]["n_pixelcnn_layers"] == 0
+    assert read_report(run)["hparams"]["pixelcnn"]["init_args"]["n_layers"] == 2
 
 
 class Tiny(L.LightningModule):
@@ -350,6 +352,7 @@ SKEWED = '''
 import os
 
 from tests.tiny_data import TinyBinary
+from arvae.report import hparam
 
 
 class RankSkewed(TinyBinary):

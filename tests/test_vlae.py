@@ -20,8 +20,8 @@ VARIANTS = {
     "iaf_posterior": dict(prior="gaussian", posterior="iaf"),
     "af_and_iaf_affine": dict(posterior="iaf", flow_mean_only=False),
     "gaussian": dict(prior="gaussian"),
-    "factorized_af": dict(decoder="factorized"),
-    "unconditional": dict(decoder="unconditional"),
+    "factorized_af": dict(pixelcnn=None),
+    "unconditional": dict(latent=False),
 }
 
 
@@ -49,7 +49,7 @@ def test_local_pixelcnn_is_causal_with_a_six_row_window(tie):
     """Output (i, j) depends on no input at or after (i, j) in raster order, on some earlier
     one, and on nothing more than receptive_rows rows up (the window that makes VLAE lossy)."""
     torch.manual_seed(0)
-    net = LocalPixelCNN(cond_channels=0, tie_weights=tie).double()
+    net = LocalPixelCNN(cond_map_channels=0, tie_weights=tie).double()
     assert net.receptive_rows == 6
     i, j = 14, 9
     x = torch.randn(1, 1, 28, 28, dtype=torch.double, requires_grad=True)
@@ -69,7 +69,7 @@ def test_local_pixelcnn_ties_its_masked_weights_and_sees_the_map_everywhere():
     assert count(untied) - count(tied) == 4 * (12 * 12 * 9 + 12)
     x = torch.zeros(1, 1, 28, 28)
     cond = torch.randn(1, 4, 28, 28, requires_grad=True)
-    (grad,) = torch.autograd.grad(tied(x, cond)[0, 0, 5, 5], cond)
+    (grad,) = torch.autograd.grad(tied(x, None, cond)[0, 0, 5, 5], cond)
     assert grad[0, :, 5, 5].abs().sum() > 0  # the map of the pixel itself is visible
     with pytest.raises(ValueError, match="cond_map"):
         tied(x)
@@ -157,7 +157,7 @@ def test_gaussian_kl_is_analytic_and_matches_the_monte_carlo_one():
 
 
 def test_unconditional_decoder_has_no_latent_and_an_exact_likelihood():
-    model = initialized(decoder="unconditional")
+    model = initialized(latent=False)
     x = digits(4)
     assert model.latent_dims == {} and set(model.elbo_terms(x)) == {"recon"}
     torch.testing.assert_close(model.log_likelihood_bound(x, 7), -model.elbo_terms(x)["recon"])

@@ -14,6 +14,13 @@ from .masked_conv import (
     shift_down,
 )
 from .mnist_convnets import MNISTDecoder, MNISTEncoder
+from .pixel_decoder import (
+    PixelDecoder,
+    PixelDecoderFactory,
+    as_factory,
+    factory_config,
+    network_config,
+)
 from .pixel_embedding import PixelEmbedding
 from .pixelcnnpp import PixelCNNppNet
 from .plain_pixelcnn import PlainPixelCNN
@@ -36,6 +43,11 @@ __all__ = [
     "MNISTEncoder",
     "MaskedConv2d",
     "PixelCNNppNet",
+    "PixelDecoder",
+    "as_factory",
+    "factory_config",
+    "network_config",
+    "PixelDecoderFactory",
     "PixelEmbedding",
     "PlainPixelCNN",
     "ResBlock",

@@ -9,7 +9,9 @@ Conditioning, both ways PixelVAE uses it (Gulrajani et al. 2017, Table 1):
 import torch
 from torch import nn
 
+from .init import he_init_
 from .masked_conv import HorizontalConv2d, MaskedConv2d, VerticalConv2d, shift_down
+from .pixel_decoder import PixelDecoder
 
 
 def gate(x: torch.Tensor) -> torch.Tensor:
@@ -107,9 +109,9 @@ class GatedHead(nn.Module):
         return self.out(h)
 
 
-class GatedPixelCNN(nn.Module):
+class GatedPixelCNN(PixelDecoder):
     """First layer k_first x k_first with mask A, then ``n_layers - 1`` k x k blocks with
-    mask B, then the gated 1x1 head (PixelVAE appendix E.1 layout).
+    mask B, then the gated 1x1 head (PixelVAE appendix E.1 layout; He-initialized).
 
     ``out_channels`` is n_colors x parameters per colour, with channel c belonging to colour
     ``c % n_colors`` (see masked_conv); the likelihood reads them in that order.
@@ -119,21 +121,23 @@ class GatedPixelCNN(nn.Module):
         self,
         in_channels: int,
         out_channels: int,
-        n_layers: int,
-        channels: int = 32,
-        first_kernel: int = 7,
-        kernel: int = 5,
         n_colors: int = 1,
         cond_vec_dim: int = 0,
         cond_map_channels: int = 0,
+        n_layers: int = 3,
+        channels: int = 32,
+        first_kernel: int = 7,
+        kernel: int = 5,
     ) -> None:
-        super().__init__()
+        super().__init__(in_channels, out_channels, n_colors, cond_vec_dim, cond_map_channels)
         if n_layers < 1:
             raise ValueError(f"a PixelCNN needs at least one masked layer, got n_layers={n_layers}")
         if channels % n_colors:
             raise ValueError(
-                f"channels ({channels}) must be a multiple of n_colors ({n_colors}): the gate"
-                " splits features in halves, which must keep every channel in its colour group"
+                f"GatedPixelCNN: channels ({channels}) must be a multiple of n_colors"
+                f" ({n_colors}, the colours the likelihood orders): the gate splits features in"
+                " halves, which must keep every channel in its colour group; set the network's"
+                " channels (pixelcnn: init_args: channels) to such a multiple"
             )
         cond = dict(
             n_colors=n_colors, cond_vec_dim=cond_vec_dim, cond_map_channels=cond_map_channels
@@ -149,6 +153,7 @@ class GatedPixelCNN(nn.Module):
         # rows above a position that its output can depend on: every vertical convolution
         # reaches k // 2 rows up, and the vertical stack enters the horizontal one a row lower
         self.receptive_rows = 1 + first_kernel // 2 + (n_layers - 1) * (kernel // 2)
+        he_init_(self)
 
     def forward(
         self,
@@ -156,6 +161,7 @@ class GatedPixelCNN(nn.Module):
         cond_vec: torch.Tensor | None = None,
         cond_map: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        self.check_conditioning(cond_vec, cond_map)
         v, h = x, x
         for block in self.blocks:
             v, h = block(v, h, cond_vec, cond_map)

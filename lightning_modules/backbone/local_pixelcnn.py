@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .masked_conv import MaskedConv2d
+from .pixel_decoder import PixelDecoder
 
 
 class Residual1x1(nn.Module):
@@ -30,39 +31,49 @@ class Residual1x1(nn.Module):
         return x + self.body(x)
 
 
-class LocalPixelCNN(nn.Module):
-    """One-channel (binary-image) PixelCNN with a window of ``n_masked * (kernel // 2)`` rows.
+class LocalPixelCNN(PixelDecoder):
+    """PixelCNN with a window of ``n_layers * (kernel // 2)`` rows, for one colour group.
 
     Args:
-        out_channels: likelihood parameters per pixel.
-        cond_channels: channels of the conditioning map (VLAE: 4; 0 = unconditional).
+        in_channels / out_channels / n_colors / cond_vec_dim / cond_map_channels: the model's
+            (see PixelDecoder); n_colors must be 1 (the 1x1 blocks mix all channels of a
+            pixel) and the conditioning a map (VLAE: 4 channels; 0 = unconditional).
         channels: filters of every layer (VLAE: 12).
-        n_masked: masked k x k layers, the first mask A (VLAE: 6).
+        n_layers: masked k x k layers, the first mask A (VLAE: 6).
         n_1x1_blocks: 1x1 residual blocks, placed after masked layers 2, 3, ... (VLAE: 4;
             the paper's "between every other masked layer" does not pin their places).
         kernel: size of the masked filters (VLAE: 3).
-        tie_weights: masked layers 2..n_masked share one weight (VLAE on static MNIST).
+        tie_weights: masked layers 2..n_layers share one weight (VLAE on static MNIST).
     """
 
     def __init__(
         self,
+        in_channels: int = 1,
         out_channels: int = 1,
-        cond_channels: int = 4,
+        n_colors: int = 1,
+        cond_vec_dim: int = 0,
+        cond_map_channels: int = 4,
         channels: int = 12,
-        n_masked: int = 6,
+        n_layers: int = 6,
         n_1x1_blocks: int = 4,
         kernel: int = 3,
         tie_weights: bool = True,
     ) -> None:
-        super().__init__()
-        if n_masked < 1 or not 0 <= n_1x1_blocks <= max(n_masked - 1, 0):
+        super().__init__(in_channels, out_channels, n_colors, cond_vec_dim, cond_map_channels)
+        if n_colors != 1 or cond_vec_dim:
             raise ValueError(
-                f"need n_masked >= 1 and 0 <= n_1x1_blocks <= n_masked - 1, got {n_masked},"
+                f"LocalPixelCNN models one colour group and takes a conditioning map, got"
+                f" n_colors={n_colors}, cond_vec_dim={cond_vec_dim}: use GatedPixelCNN for"
+                " colour-ordered likelihoods or a conditioning vector"
+            )
+        if n_layers < 1 or not 0 <= n_1x1_blocks <= max(n_layers - 1, 0):
+            raise ValueError(
+                f"need n_layers >= 1 and 0 <= n_1x1_blocks <= n_layers - 1, got {n_layers},"
                 f" {n_1x1_blocks}"
             )
-        self.first = MaskedConv2d(1, channels, kernel, "A")
-        self.cond = nn.Conv2d(cond_channels, channels, 1) if cond_channels else None
-        n_b = n_masked - 1
+        self.first = MaskedConv2d(in_channels, channels, kernel, "A")
+        self.cond = nn.Conv2d(cond_map_channels, channels, 1) if cond_map_channels else None
+        n_b = n_layers - 1
         if tie_weights and n_b > 0:
             shared = MaskedConv2d(channels, channels, kernel, "B")
             self.masked = nn.ModuleList([shared] * n_b)
@@ -72,11 +83,15 @@ class LocalPixelCNN(nn.Module):
             )
         self.blocks_1x1 = nn.ModuleList([Residual1x1(channels) for _ in range(n_1x1_blocks)])
         self.head = nn.Sequential(nn.ELU(), nn.Conv2d(channels, out_channels, 1))
-        self.receptive_rows = n_masked * (kernel // 2)
+        self.receptive_rows = n_layers * (kernel // 2)
 
-    def forward(self, x: torch.Tensor, cond_map: torch.Tensor | None = None) -> torch.Tensor:
-        if (cond_map is None) != (self.cond is None):
-            raise ValueError("pass cond_map exactly when the PixelCNN has cond_channels > 0")
+    def forward(
+        self,
+        x: torch.Tensor,
+        cond_vec: torch.Tensor | None = None,
+        cond_map: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        self.check_conditioning(cond_vec, cond_map)
         h = self.first(x)
         if self.cond is not None:
             h = h + self.cond(cond_map)

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .masked_conv import shift_down
+from .pixel_decoder import PixelDecoder
 from .weight_norm import channel_stats, data_dependent_init_, weight_norm_
 
 Size = tuple[int, int]
@@ -154,11 +155,12 @@ def _init_transposed(m: ShiftedConvTranspose2d, inputs: object, out: torch.Tenso
     return (out - mean) / std
 
 
-class PixelCNNppNet(nn.Module):
+class PixelCNNppNet(PixelDecoder):
     """PixelCNN++ over ``in_channels`` inputs (scaled to [-1, 1]), ``out_channels`` outputs per
-    pixel. Up pass: ``nr_resnet`` blocks at each of 3 resolutions (stride-2 convolutions
-    between); down pass: ``nr_resnet``, ``nr_resnet + 1``, ``nr_resnet + 1`` blocks, each
-    consuming one skip, as in the paper's code. Every layer is weight-normalized; call
+    pixel, ``channels`` wide (the paper's ``nr_filters``: 160). Up pass: ``nr_resnet`` blocks
+    at each of 3 resolutions (stride-2 convolutions between); down pass: ``nr_resnet``,
+    ``nr_resnet + 1``, ``nr_resnet + 1`` blocks, each consuming one skip, as in the paper's
+    code. Every layer is weight-normalized; call
     :meth:`init_from_data` once before training.
 
     Receptive field (checked by gradients in the tests): on an odd row 2i + 1 the coarser
@@ -171,20 +173,27 @@ class PixelCNNppNet(nn.Module):
     """
 
     receptive_rows = None
+    needs_data_init = True
 
     def __init__(
         self,
         in_channels: int,
         out_channels: int,
-        nr_resnet: int = 5,
-        nr_filters: int = 160,
-        dropout: float = 0.5,
+        n_colors: int = 1,
         cond_vec_dim: int = 0,
         cond_map_channels: int = 0,
+        nr_resnet: int = 5,
+        channels: int = 160,
+        dropout: float = 0.5,
     ) -> None:
-        super().__init__()
-        self.cond_vec_dim, self.cond_map_channels = cond_vec_dim, cond_map_channels
-        nf = nr_filters
+        super().__init__(in_channels, out_channels, n_colors, cond_vec_dim, cond_map_channels)
+        if n_colors != 1:
+            raise ValueError(
+                "PixelCNN++ gives one parameter set per pixel and sees no channel of it, so it"
+                " cannot order the colours of a pixel (n_colors > 1): use a likelihood that"
+                " couples them itself (sequential_channels False: DiscretizedLogisticMixture)"
+            )
+        nf = channels
         cin = in_channels + 1  # + a constant-1 channel: zero padding then marks the border
 
         def stage(n: int, right: bool, aux: int) -> nn.ModuleList:
@@ -215,22 +224,13 @@ class PixelCNNppNet(nn.Module):
             if isinstance(m, nn.ConvTranspose2d) and not parametrize.is_parametrized(m):
                 nn.utils.parametrizations.weight_norm(m, dim=1)
 
-    def _check(self, cond_vec: torch.Tensor | None, cond_map: torch.Tensor | None) -> None:
-        for name, value, dim in (
-            ("cond_vec", cond_vec, self.cond_vec_dim),
-            ("cond_map", cond_map, self.cond_map_channels),
-        ):
-            if (value is None) != (dim == 0) or (value is not None and value.shape[1] != dim):
-                got = None if value is None else tuple(value.shape)
-                raise ValueError(f"{name}: built for {dim} channels (0: none), got {got}")
-
     def forward(
         self,
         x: torch.Tensor,
         cond_vec: torch.Tensor | None = None,
         cond_map: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        self._check(cond_vec, cond_map)
+        self.check_conditioning(cond_vec, cond_map)
         sizes = [tuple(x.shape[-2:])]
         sizes += [half(sizes[0]), half(half(sizes[0]))]
         maps = [None if cond_map is None else resize_map(cond_map, s) for s in sizes]

@@ -10,26 +10,28 @@ import torch
 from torch import nn
 
 from .gated_pixelcnn import Conditioner
+from .init import he_init_
 from .masked_conv import MaskedConv2d
+from .pixel_decoder import PixelDecoder
 
 
-class PlainPixelCNN(nn.Module):
+class PlainPixelCNN(PixelDecoder):
     """k_first x k_first mask-A conv, ``n_layers - 1`` residual k x k mask-B ReLU convs, then
-    two 1x1 ReLU layers to ``out_channels``. Same conditioning inputs as GatedPixelCNN."""
+    two 1x1 ReLU layers to ``out_channels`` (He-initialized). Options as GatedPixelCNN's."""
 
     def __init__(
         self,
         in_channels: int,
         out_channels: int,
-        n_layers: int,
-        channels: int = 32,
-        first_kernel: int = 7,
-        kernel: int = 5,
         n_colors: int = 1,
         cond_vec_dim: int = 0,
         cond_map_channels: int = 0,
+        n_layers: int = 3,
+        channels: int = 32,
+        first_kernel: int = 7,
+        kernel: int = 5,
     ) -> None:
-        super().__init__()
+        super().__init__(in_channels, out_channels, n_colors, cond_vec_dim, cond_map_channels)
         if n_layers < 1:
             raise ValueError(f"a PixelCNN needs at least one masked layer, got n_layers={n_layers}")
         self.convs = nn.ModuleList(
@@ -48,6 +50,7 @@ class PlainPixelCNN(nn.Module):
                 out=MaskedConv2d(channels, out_channels, 1, "B", n_colors),
             )
         )
+        he_init_(self)
 
     def forward(
         self,
@@ -55,6 +58,7 @@ class PlainPixelCNN(nn.Module):
         cond_vec: torch.Tensor | None = None,
         cond_map: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        self.check_conditioning(cond_vec, cond_map)
         h = self.conds[0](self.convs[0](x), cond_vec, cond_map)
         for conv, cond in zip(self.convs[1:], self.conds[1:], strict=True):
             h = h + torch.relu(cond(conv(torch.relu(h)), cond_vec, cond_map))
