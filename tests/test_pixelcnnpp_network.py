@@ -2,12 +2,14 @@
 with data-dependent init, odd sizes."""
 
 import itertools
+import math
 
 import pytest
 import torch
 from torch.nn.utils import parametrize
 
 from lightning_modules.backbone.pixelcnnpp import (
+    Dropout,
     PixelCNNppNet,
     ShiftedConv2d,
     ShiftedConvTranspose2d,
@@ -200,3 +202,23 @@ def test_missing_or_unexpected_conditioning_is_an_error():
     with pytest.raises(ValueError, match="cond_map"):
         net(x, torch.zeros(1, COND_VEC), torch.zeros(1, 1, 5, 5))
     assert PixelCNNppNet.receptive_rows is None
+
+
+@pytest.mark.parametrize("p", [0.2, 0.5])
+def test_dropout_zeroes_each_element_with_probability_p_and_rescales_the_rest(p):
+    """The fast mask (uniform >= p) is nn.Dropout's distribution: a fraction p of elements
+    dropped, independently, the rest scaled by 1 / (1 - p), the gradient masked alike; off in
+    eval mode."""
+    torch.manual_seed(0)
+    drop = Dropout(p).train()
+    x = torch.ones(200_000, requires_grad=True)
+    y = drop(x)
+    kept = y != 0
+    sd = math.sqrt(p * (1 - p) / x.numel())
+    assert abs((1 - kept.float().mean().item()) - p) < 5 * sd
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / (1 - p)))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / (1 - p))
+    pairs = kept[:-1].float() * kept[1:].float()  # neighbours kept independently
+    assert abs(pairs.mean().item() - (1 - p) ** 2) < 5 * math.sqrt((1 - p) ** 2 / x.numel())
+    assert torch.equal(drop.eval()(x), x)

@@ -79,11 +79,18 @@ class ShiftedConv2d(nn.Conv2d):
         stride: int = 1,
         right: bool = False,
     ) -> None:
-        super().__init__(in_channels, out_channels, kernel, stride)
         kh, kw = kernel
-        self.pad = (kw - 1, 0, kh - 1, 0) if right else ((kw - 1) // 2, (kw - 1) // 2, kh - 1, 0)
+        left = kw - 1 if right else (kw - 1) // 2
+        # stride 1: the convolution pads every side and the rows / columns past the image are
+        # dropped (no padded copy of x); stride 2 pads top / left only, to keep the alignment
+        self.crop = stride == 1
+        padding = (kh - 1, left) if self.crop else 0
+        super().__init__(in_channels, out_channels, kernel, stride, padding=padding)
+        self.pad = (left, kw - 1 - left, kh - 1, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.crop:
+            return super().forward(x)[:, :, : x.shape[-2], : x.shape[-1]]
         return super().forward(F.pad(x, self.pad))
 
 
@@ -99,6 +106,19 @@ class ShiftedConvTranspose2d(nn.ConvTranspose2d):
 
     def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:  # type: ignore[override]
         return super().forward(x)[:, :, : size[0], self.col0 : self.col0 + size[1]]
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout (each element zeroed with probability p, the rest scaled by 1 / (1 - p))
+    with the mask drawn as uniform >= p: the same distribution, ~3x faster on CPU than the
+    Bernoulli sampler nn.Dropout uses, which took a tenth of a PixelCNN++ training step."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if self.p == 1:
+            return torch.zeros_like(x)
+        return x * torch.rand_like(x).ge_(self.p).mul_(1 / (1 - self.p))
 
 
 class GatedResnet(nn.Module):
@@ -118,7 +138,7 @@ class GatedResnet(nn.Module):
         super().__init__()
         self.conv1 = ShiftedConv2d(2 * channels, channels, kernel, right=right)
         self.aux = nn.Conv2d(2 * aux_channels, channels, 1) if aux_channels else None
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.conv2 = ShiftedConv2d(2 * channels, 2 * channels, kernel, right=right)
         # only built when used: a parameter without a gradient is an error under DDP. With a
         # bias: data_dependent_init_ passes on (out - mean) / std but can only subtract the mean
@@ -142,7 +162,7 @@ class GatedResnet(nn.Module):
         if self.map is not None:
             h = h + self.map(cond_map)
         a, b = h.chunk(2, dim=1)
-        return x + a * torch.sigmoid(b)
+        return torch.addcmul(x, a, torch.sigmoid(b))
 
 
 @torch.no_grad()
@@ -234,7 +254,9 @@ class PixelCNNppNet(PixelDecoder):
         sizes = [tuple(x.shape[-2:])]
         sizes += [half(sizes[0]), half(half(sizes[0]))]
         maps = [None if cond_map is None else resize_map(cond_map, s) for s in sizes]
+        # channels-last (NHWC) all the way: on CPU the convolutions run ~10% faster in it
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+        x = x.contiguous(memory_format=torch.channels_last)
 
         # u(i, j) sees rows < i; ul(i, j) sees rows < i and row i left of j
         us = [shift_down(self.u_init(x))]
@@ -256,7 +278,7 @@ class PixelCNNppNet(PixelDecoder):
                 u = block_u(u, us.pop(), cond_vec, maps[s])
                 ul = block_ul(ul, torch.cat([u, uls.pop()], dim=1), cond_vec, maps[s])
         assert not us and not uls, "every skip is consumed"
-        return self.out(F.elu(ul))
+        return self.out(F.elu(ul)).contiguous()
 
     def init_from_data(
         self,
