@@ -61,6 +61,21 @@ MODELS = {
         TINY_DATA,
         ["samples", "noise_x"],
     ),
+    # PixelCNN++: its data-dependent init on the first batch (broadcast by DDP), the
+    # logistic mixture, bits/dim
+    "PixelCNNpp": Model(
+        [
+            "--model.class_path", "lightning_modules.PixelCNNpp",
+            "--model.init_args.pixelcnn.init_args.nr_resnet", "1",
+            "--model.init_args.pixelcnn.init_args.channels", "8",
+            "--model.init_args.pixelcnn.init_args.dropout", "0.0",
+            "--model.init_args.likelihood", "DiscretizedLogisticMixture",
+            "--model.init_args.likelihood.n_mix", "2",
+            *COLOUR_DATA,
+        ],
+        COLOUR_DATA,
+        ["samples", "noise_x"],
+    ),
     # a latent size that is no multiple of 16 and chunks of 1 to 10 importance samples, so
     # that the samples' noise would follow the batch size if it were drawn chunk by chunk
     "PixelVAE": Model(
@@ -201,7 +216,8 @@ def test_ddp_test_matches_one_process(fits, one_process, name, tmp_path):
         )
     )  # fmt: skip
     one = one_process[name]
-    assert one["n_test_examples"] == (13 if name == "HierarchicalPixelVAE" else 37)
+    colour = name in ("HierarchicalPixelVAE", "PixelCNNpp")  # TinyColour: 13 test images
+    assert one["n_test_examples"] == (13 if colour else 37)
     assert "test/nll_iwae" in one["metrics"] and "test/recon" in one["metrics"]
     assert_same_test(read_report(tmp_path / "runs" / "ddp" / "version_0"), one)
     assert_same_test(read_report(fits[name] / RUN), one)
