@@ -42,7 +42,7 @@ from .backbone import (
     zero_init_,
 )
 from .base import ImageModel
-from .likelihoods import DiagonalGaussian
+from .likelihoods import DiagonalGaussian, GaussianOutput
 
 Gaussian = tuple[torch.Tensor, torch.Tensor]  # (mean, log_std)
 VECTOR_FROM = 4  # a 1x1 (vector) level is reached from / decoded to 4x4 feature maps
@@ -115,6 +115,9 @@ class HierarchicalPixelVAE(ImageModel):
             n: (c, s, s) for n, c, s in zip(self.levels, channels, sizes, strict=True)
         }
         self.prior_kind = prior
+        # the model's second likelihood: p(z_i | z_{i+1}) over each latent map, as the pixel
+        # likelihood is p(x | z_1)
+        self.latent_likelihood = GaussianOutput()
         n_values = getattr(self.likelihood, "n_values", 2)
 
         # inference: x -> h_1 -> ... -> h_L, q(z_i|x) from h_i
@@ -177,7 +180,7 @@ class HierarchicalPixelVAE(ImageModel):
                 self.priors.append(
                     GatedPixelCNN(
                         c_below,
-                        2 * c_below,
+                        self.latent_likelihood.num_params(c_below),
                         cond_map_channels=latent_width,
                         n_layers=n_prior_layers,
                         channels=prior_channels,
@@ -186,7 +189,9 @@ class HierarchicalPixelVAE(ImageModel):
                     )
                 )
             else:
-                self.priors.append(pre_activation_head(latent_width, 2 * c_below))
+                self.priors.append(
+                    pre_activation_head(latent_width, self.latent_likelihood.num_params(c_below))
+                )
         he_init_(self)
         # start with q = p = N(0, I) at every level (masked prior heads get weight norm: a
         # zero weight would have no direction, so they are shrunk instead)
@@ -227,13 +232,18 @@ class HierarchicalPixelVAE(ImageModel):
             posteriors.append(DiagonalGaussian.split(head(h)))
         return posteriors
 
-    def prior_params(self, i: int, z_i: torch.Tensor, z_above: torch.Tensor) -> Gaussian:
-        """(mean, log_std) of p(z_i | z_{i+1}) at every position of z_i (0-based level i < L-1);
-        with the PixelCNN prior, position j's parameters depend on z_i only before j."""
+    def prior_output(self, i: int, z_i: torch.Tensor, z_above: torch.Tensor) -> torch.Tensor:
+        """The latent likelihood's parameters of p(z_i | z_{i+1}) at every position of z_i
+        (0-based level i < L-1); with the PixelCNN prior, position j's depend on z_i only
+        before j."""
         cond = self.decoders[i + 1](z_above)
         if self.prior_kind == "pixelcnn":
-            return DiagonalGaussian.split(self.priors[i](z_i, None, cond))
-        return DiagonalGaussian.split(self.priors[i](cond))
+            return self.priors[i](z_i, None, cond)
+        return self.priors[i](cond)
+
+    def prior_params(self, i: int, z_i: torch.Tensor, z_above: torch.Tensor) -> Gaussian:
+        """(mean, log_std) of p(z_i | z_{i+1}), for the analytic KL."""
+        return DiagonalGaussian.split(self.prior_output(i, z_i, z_above))
 
     def pixel_params(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Likelihood parameters of every pixel of x given the decoding of z_1."""
@@ -281,8 +291,8 @@ class HierarchicalPixelVAE(ImageModel):
         xs = repeat(x, "b c h w -> (b n) c h w", n=n)
         log_p = self.likelihood.log_prob(self.pixel_params(xs, self.decoders[0](zs[0])), xs)
         for i in range(len(zs) - 1):
-            log_p = log_p + DiagonalGaussian.log_prob(
-                *self.prior_params(i, zs[i], zs[i + 1]), zs[i]
+            log_p = log_p + self.latent_likelihood.log_prob(
+                self.prior_output(i, zs[i], zs[i + 1]), zs[i]
             )
         top = torch.zeros_like(zs[-1])
         log_p = log_p + DiagonalGaussian.log_prob(top, top, zs[-1])
@@ -314,10 +324,7 @@ class HierarchicalPixelVAE(ImageModel):
     def sample_latent(self, i: int, z_above: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """z_i ~ p(z_i | z_{i+1}) with standard-normal noise eps, position by position."""
         cond = self.decoders[i + 1](z_above)
-
-        def draw(params: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-            return DiagonalGaussian.sample(*DiagonalGaussian.split(params), noise)
-
+        draw = self.latent_likelihood.sample
         if self.prior_kind == "gaussian":
             return draw(self.priors[i](cond), eps)
         prior = self.priors[i]
@@ -327,7 +334,7 @@ class HierarchicalPixelVAE(ImageModel):
             (z_above.shape[0], *self.latent_shapes[self.levels[i]]),
             self.device,
             noise=eps,
-            sequential_channels=False,
+            sequential_channels=self.latent_likelihood.sequential_channels,
             context_rows=prior.receptive_rows,
         )
 

@@ -6,7 +6,7 @@ from decoders import gated
 
 from lightning_modules import HierarchicalPixelVAE
 from lightning_modules.hierarchical_pixelvae import last_layer
-from lightning_modules.likelihoods import DiagonalGaussian
+from lightning_modules.likelihoods import Categorical, DiagonalGaussian, GaussianOutput
 
 torch.set_num_threads(2)
 
@@ -157,3 +157,22 @@ def test_invalid_level_layouts_are_rejected():
         HierarchicalPixelVAE(**{**TINY, "pixelcnn": gated(n_layers=1, channels=4)})
     with pytest.raises(ValueError, match=r"expects images shaped \(B, 3, 8, 8\)"):
         tiny_model().elbo_terms(torch.zeros(2, 1, 8, 8))
+
+
+def test_the_model_holds_two_likelihoods_pixels_and_latent_maps():
+    """p(x | z1) is the pixel likelihood, p(z_i | z_{i+1}) the latent one (a diagonal
+    Gaussian output head): the prior networks emit its parameters, and the bound scores the
+    latent maps through its log_prob (equal to the analytic Gaussian density)."""
+    model = tiny_model()
+    assert isinstance(model.likelihood, Categorical)
+    assert isinstance(model.latent_likelihood, GaussianOutput)
+    c1 = model.latent_shapes["z1"][0]
+    assert model.priors[0].head.out.out_channels == model.latent_likelihood.num_params(c1)
+    z1, z2 = torch.randn(2, *model.latent_shapes["z1"]), torch.randn(2, *model.latent_shapes["z2"])
+    with torch.no_grad():
+        params = model.prior_output(0, z1, z2)
+        mean, log_std = model.prior_params(0, z1, z2)
+        torch.testing.assert_close(
+            model.latent_likelihood.log_prob(params, z1),
+            DiagonalGaussian.log_prob(mean, log_std, z1),
+        )
