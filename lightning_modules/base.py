@@ -260,12 +260,14 @@ class ImageModel(L.LightningModule):
         in_channels: int | None = None,
         cond_vec_dim: int = 0,
         cond_map_channels: int = 0,
+        runs_data_init: bool = False,
     ) -> PixelDecoder:
         """The model's pixel network from its ``pixelcnn`` option, sized for this data and
         likelihood: one parameter group per colour when the likelihood draws a pixel's
         channels one after another (each group then sees the earlier colours of the pixel),
         else one for the whole pixel (the network sees none of it). A network with a
-        data-dependent init gets the ``initialized`` flag the base runs it by."""
+        data-dependent init needs a model whose :meth:`data_dependent_init` runs it
+        (``runs_data_init``); it gets the ``initialized`` flag the base runs that by."""
         c = self.image_shape[0]
         n_colors = c if self.likelihood.sequential_channels else 1
         wrong = TypeError(
@@ -286,6 +288,12 @@ class ImageModel(L.LightningModule):
             raise
         if not isinstance(net, PixelDecoder):
             raise wrong
+        if net.needs_data_init and not runs_data_init:
+            raise ValueError(
+                f"{type(net).__name__} needs a data-dependent init, which"
+                f" {type(self).__name__} does not run yet: use a GatedPixelCNN,"
+                " PlainPixelCNN or LocalPixelCNN as its pixelcnn"
+            )
         if net.needs_data_init and not hasattr(self, "initialized"):
             # saved in checkpoints, so a resumed run skips the init
             self.register_buffer("initialized", torch.tensor(False))

@@ -154,12 +154,6 @@ class HierarchicalPixelVAE(ImageModel):
             self.pixelcnn = self.pixel_decoder(
                 pixelcnn, in_channels=embed_dim * colours, cond_map_channels=pixel_widths[0]
             )
-            if self.pixelcnn.needs_data_init:
-                raise ValueError(
-                    f"{type(self.pixelcnn).__name__} needs a data-dependent init, which"
-                    " HierarchicalPixelVAE does not run yet: use a GatedPixelCNN or"
-                    " PlainPixelCNN as its pixelcnn"
-                )
         # z_{i+1} -> map at z_i's size -> p(z_i|z_{i+1})
         self.priors = nn.ModuleList()
         for i in range(1, len(sizes)):

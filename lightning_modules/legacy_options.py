@@ -16,39 +16,41 @@ def network(name: str, **init_args) -> dict:
     return {"class_path": BACKBONE + name, "init_args": init_args}
 
 
+def masked(kind: str, n_layers: int, channels: int, first_kernel: int, kernel: int) -> dict:
+    """The gated or plain masked network the old options named (no network for 0 layers)."""
+    name = "PlainPixelCNN" if kind == "plain" else "GatedPixelCNN"
+    options = dict(n_layers=n_layers, channels=channels, first_kernel=first_kernel, kernel=kernel)
+    return network(name, **options) if n_layers else None
+
+
 def upgrade(class_path: str, init_args: dict) -> dict:
     """The init_args of ``class_path`` in today's option names (unchanged if already so)."""
     a = dict(init_args)
     model = class_path.rsplit(".", 1)[-1]
     if model == "PixelCNN" and "kind" in a:
-        kind = a.pop("kind")
-        a["pixelcnn"] = network(
-            "PlainPixelCNN" if kind == "plain" else "GatedPixelCNN",
-            n_layers=a.pop("n_layers", 12),
-            channels=a.pop("channels", 32),
-            first_kernel=a.pop("first_kernel", 7),
-            kernel=a.pop("kernel", 5),
+        a["pixelcnn"] = masked(
+            a.pop("kind"),
+            a.pop("n_layers", 12),
+            a.pop("channels", 32),
+            a.pop("first_kernel", 7),
+            a.pop("kernel", 5),
         )
     elif model == "PixelVAE" and "n_pixelcnn_layers" in a:
-        n_layers, kind = a.pop("n_pixelcnn_layers"), a.pop("pixelcnn", "gated")
-        net = network(
-            "PlainPixelCNN" if kind == "plain" else "GatedPixelCNN",
-            n_layers=n_layers,
-            channels=a.pop("pixelcnn_channels", 32),
-            first_kernel=a.pop("first_kernel", 7),
-            kernel=a.pop("kernel", 5),
+        a["pixelcnn"] = masked(
+            a.pop("pixelcnn", "gated"),
+            a.pop("n_pixelcnn_layers"),
+            a.pop("pixelcnn_channels", 32),
+            a.pop("first_kernel", 7),
+            a.pop("kernel", 5),
         )
-        a["pixelcnn"] = net if n_layers else None
     elif model == "HierarchicalPixelVAE" and "n_pixelcnn_layers" in a:
-        n_layers = a.pop("n_pixelcnn_layers")
-        net = network(
-            "GatedPixelCNN",
-            n_layers=n_layers,
-            channels=a.pop("pixelcnn_channels", 384),
-            first_kernel=a.pop("pixel_first_kernel", 3),
-            kernel=a.pop("pixel_kernel", 3),
+        a["pixelcnn"] = masked(
+            "gated",
+            a.pop("n_pixelcnn_layers"),
+            a.pop("pixelcnn_channels", 384),
+            a.pop("pixel_first_kernel", 3),
+            a.pop("pixel_kernel", 3),
         )
-        a["pixelcnn"] = net if n_layers else None
     elif model == "VLAE" and "decoder" in a:
         decoder = a.pop("decoder")
         net = network(

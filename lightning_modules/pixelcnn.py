@@ -22,7 +22,7 @@ class PixelCNN(ImageModel):
 
     def __init__(self, pixelcnn: PixelDecoderFactory = GatedPixelCNN, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.net = self.pixel_decoder(pixelcnn)
+        self.net = self.pixel_decoder(pixelcnn, runs_data_init=True)
 
     def elbo_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         self.check_input(x)

@@ -73,6 +73,7 @@ class PixelVAE(ImageModel):
                 pixelcnn,
                 cond_vec_dim=latent_dim if conditioning == "vector" else 0,
                 cond_map_channels=cond_map_channels,
+                runs_data_init=True,
             )
         zero_init_(self.encoder[-1])
 

@@ -131,12 +131,6 @@ class VLAE(ImageModel):
             self.pixelcnn = self.pixel_decoder(
                 pixelcnn, cond_map_channels=cond_channels if self.has_latent else 0
             )
-            if self.pixelcnn.needs_data_init:
-                raise ValueError(
-                    f"{type(self.pixelcnn).__name__} brings its own data-dependent init, which"
-                    " VLAE's (every weight-normalized layer from one batch) does not run yet:"
-                    " use LocalPixelCNN, GatedPixelCNN or PlainPixelCNN"
-                )
         self.weight_norm = weight_norm
         if weight_norm:
             weight_norm_(self, skip=tuple(skip))
