@@ -19,7 +19,8 @@ from datamodules.base import eval_order
 from datamodules.binarized_mnist import load_sample
 from lightning_modules import HierarchicalPixelVAE, PixelVAE
 
-CELL = 28 + 1  # image + 1 px of padding
+SCALE = 4  # saved grids draw a 28 x 28 digit 4x, with a 4-pixel gap
+CELL = 28 * SCALE + SCALE
 
 
 @pytest.fixture(autouse=True)
@@ -61,18 +62,26 @@ def trainer(tmp_path, callbacks, max_epochs: int = 1, **kwargs) -> L.Trainer:
 
 
 def cells(grid: np.ndarray, ncols: int) -> list[np.ndarray]:
-    """The 28x28 images of a grid, row-major, without their padding."""
-    rows = grid.shape[0] // CELL
-    return [
-        grid[r * CELL : r * CELL + 28, c * CELL : c * CELL + 28]
+    """The 28x28 images of a saved grid, row-major, without their padding and at 1x (each
+    SCALE x SCALE block must be one value)."""
+    rows, size = grid.shape[0] // CELL, 28 * SCALE
+    blocks = [
+        grid[r * CELL : r * CELL + size, c * CELL : c * CELL + size]
         for r in range(rows)
         for c in range(ncols)
     ]
+    for block in blocks:
+        np.testing.assert_array_equal(
+            block, block[::SCALE, ::SCALE].repeat(SCALE, 0).repeat(SCALE, 1)
+        )
+    return [block[::SCALE, ::SCALE] for block in blocks]
 
 
 def padding(grid: np.ndarray) -> np.ndarray:
-    """The separator pixels: last row and column of every cell."""
-    return np.concatenate([grid[CELL - 1 :: CELL].ravel(), grid[:, CELL - 1 :: CELL].ravel()])
+    """The separator pixels: the last SCALE rows and columns of every cell."""
+    rows = [grid[i::CELL] for i in range(CELL - SCALE, CELL)]
+    cols = [grid[:, i::CELL] for i in range(CELL - SCALE, CELL)]
+    return np.concatenate([a.ravel() for a in rows + cols])
 
 
 # ------------------------------------------------------------------------------ image_grid
@@ -105,6 +114,19 @@ def test_image_grid_rgb_and_padding_width():
     np.testing.assert_array_equal(grid[0, 0], [0, 255, 0])
     np.testing.assert_array_equal(grid[4, 0], [128, 128, 128])  # padding row
     np.testing.assert_array_equal(grid[6, 2 * 8], [0, 0, 0])  # the blank 6th cell
+
+
+def test_image_grid_scale_draws_each_pixel_as_a_block():
+    images = torch.rand(3, 1, 3, 5)
+    grid = image_grid(images, ncols=2, pad=2, scale=3)
+    assert grid.shape == (2 * (9 + 2), 2 * (15 + 2))
+    one = image_grid(images, ncols=2, pad=0)
+    for i, (r, c) in enumerate([(0, 0), (0, 1), (1, 0)]):
+        cell = grid[r * 11 : r * 11 + 9, c * 17 : c * 17 + 15]
+        np.testing.assert_array_equal(
+            cell, one[r * 3 : r * 3 + 3, c * 5 : c * 5 + 5].repeat(3, 0).repeat(3, 1)
+        )
+    assert (grid[9:11] == 128).all() and (grid[:, 15:17] == 128).all()
 
 
 # ------------------------------------------------------------------------------ SampleGrid
@@ -243,7 +265,7 @@ def test_noise_variation_holds_every_level_but_one(tmp_path):
     samples = tmp_path / "run" / "version_0" / "samples"
     for level in ("z2", "z1", "x"):
         grid = np.asarray(Image.open(samples / f"noise_{level}_test.png"))
-        assert grid.shape == (2 * 9, 3 * 9, 3)  # 2 rows x 3 variations of 8x8 (+1 px pad)
+        assert grid.shape == (2 * 126, 3 * 126, 3)  # 2 rows x 3 variations of 8x8 at 14x (+14 px)
     for level in ("z1", "z2"):
         grid = np.asarray(Image.open(samples / f"reconstructions_{level}_test.png"))
-        assert grid.shape == (2 * 9, 3 * 9, 3)  # original + 2 generations per row
+        assert grid.shape == (2 * 126, 3 * 126, 3)  # original + 2 generations per row

@@ -261,7 +261,7 @@ def test_lossy_code_figure_rows_are_an_original_and_its_decompressions(tmp_path)
     from PIL import Image
 
     grid = Image.open(path)
-    assert grid.size == (3 * 29, 3 * 29)  # 3 columns (original + 2), 3 rows, 1-pixel gaps
+    assert grid.size == (3 * 116, 3 * 116)  # 3 columns (original + 2), 3 rows; digits 4x, 4-px gaps
 
 
 def _init_on_rank(rank: int, port: int, result: dict) -> None:
