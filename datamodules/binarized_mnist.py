@@ -29,6 +29,7 @@ import torch
 from einops import rearrange
 from torch.utils.data import Dataset
 
+from . import files
 from .base import ImageDataModule, IndexedImages
 from .download import Source
 
@@ -86,12 +87,12 @@ def idx_sources(name: str) -> list[Source]:
     return [(mirror + name, ("md5", MD5[name])) for mirror in IDX_MIRRORS]
 
 
+REFETCH = "delete or replace it (files are downloaded again when missing)"
+
+
 def bad_file(where: object, problem: str) -> ValueError:
-    """A ValueError naming the file and what to do about it."""
-    return ValueError(
-        f"{where}: {problem}. The file is corrupt, incomplete or not the expected one: "
-        "delete or replace it (files are downloaded again when missing)."
-    )
+    """:func:`datamodules.files.bad_file` with the fix of downloaded files."""
+    return files.bad_file(where, problem, REFETCH)
 
 
 def check_binary(array: np.ndarray, n: int, where: object) -> np.ndarray:
@@ -337,19 +338,15 @@ class BinarizedMNIST(ImageDataModule):
     def _load_static(self) -> dict[str, np.ndarray]:
         self._ensure_files()
         path = self._root / STATIC_NPZ
-        with np.load(path) as f:
-            if missing := set(STATIC_SIZES) - set(f.files):
-                raise bad_file(path, f"missing arrays {sorted(missing)}")
-            return {split: check_binary(f[split], n, path) for split, n in STATIC_SIZES.items()}
+        splits = files.read_npz(path, STATIC_SIZES, REFETCH)
+        return {split: check_binary(splits[split], n, path) for split, n in STATIC_SIZES.items()}
 
     def _setup_dynamic(self) -> None:
         self._ensure_files()
         npz = self._root / MNIST_NPZ
         if npz.exists():
-            with np.load(npz) as f:
-                if missing := set(MNIST_SIZES) - set(f.files):
-                    raise bad_file(npz, f"missing arrays {sorted(missing)}")
-                grey = {split: check_grey(f[split], n, npz) for split, n in MNIST_SIZES.items()}
+            splits = files.read_npz(npz, MNIST_SIZES, REFETCH)
+            grey = {split: check_grey(splits[split], n, npz) for split, n in MNIST_SIZES.items()}
         else:
             grey = {
                 split: read_idx_images(self._root / IDX[split], n)

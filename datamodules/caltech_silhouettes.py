@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 from einops import rearrange
 
+from . import files
 from .base import ImageDataModule, IndexedImages
-from .binarized_mnist import PIXELS, bad_file, channel_first, check_binary, read_matlab
+from .binarized_mnist import PIXELS, REFETCH, bad_file, channel_first, check_binary, read_matlab
 from .download import Source
 
 log = logging.getLogger(__name__)
@@ -74,11 +75,7 @@ def read_mat(path: Path) -> dict[str, np.ndarray]:
 
 def read_npz(path: Path) -> dict[str, np.ndarray]:
     """An npz of upright (N, 28, 28) 0/1 images in either convention -> object 1."""
-    try:
-        with np.load(path) as f:
-            splits = {split: f[split] for split in SIZES}
-    except (KeyError, ValueError, OSError, EOFError) as e:
-        raise bad_file(path, f"needs arrays {list(SIZES)} ({type(e).__name__}: {e})") from e
+    splits = files.read_npz(path, SIZES, REFETCH)
     for split, n in SIZES.items():
         if splits[split].ndim != 3:  # no flat rows: their pixel order would be ambiguous
             raise bad_file(path, f"{split} has shape {splits[split].shape}, expected ({n}, 28, 28)")

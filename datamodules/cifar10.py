@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from einops import rearrange
 
+from . import files
 from .natural_images import (
     NaturalImageDataModule,
     RGBImages,
@@ -126,11 +127,7 @@ def read_tarball(path: Path) -> dict[str, np.ndarray]:
 
 def read_npz(path: Path) -> dict[str, np.ndarray]:
     """An npz with arrays train and test, uint8 (N, 32, 32, 3), any N (warned)."""
-    try:
-        with np.load(path) as f:
-            splits = {split: f[split] for split in ("train", "test")}
-    except (KeyError, ValueError, OSError, EOFError) as e:
-        raise bad_file(path, f"needs arrays train and test ({type(e).__name__}: {e})") from e
+    splits = files.read_npz(path, ("train", "test"))
     for split, images in splits.items():
         check_images(images, 32, f"{path}[{split}]")
     sizes = {split: len(images) for split, images in splits.items()}

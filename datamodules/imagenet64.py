@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 from einops import rearrange
 
+from . import files
 from .natural_images import (
     NaturalImageDataModule,
     bad_file,
@@ -101,8 +102,7 @@ def npz_batches(root: Path) -> dict[str, list[Path]] | None:
 def read_npz_batches(paths: list[Path]) -> Iterator[np.ndarray]:
     """The images of npz batches, one batch in memory at a time, as chunks."""
     for path in paths:
-        with np.load(path) as f:
-            data = f["data"]
+        data = files.read_npz(path, ["data"])["data"]
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * SIZE * SIZE:
             raise bad_file(path, f"data is {data.dtype} {data.shape}, expected uint8 (N, 12288)")
         for chunk in chunked(data):

@@ -24,11 +24,9 @@ import logging
 import warnings
 from pathlib import Path
 
-import numpy as np
-
+from . import files
 from .natural_images import (
     NaturalImageDataModule,
-    bad_file,
     check_images,
     chunked,
     hf_split,
@@ -96,11 +94,7 @@ class LSUNBedrooms(NaturalImageDataModule):
             return
         if (npz := root / NPZ.format(resolution=size)).is_file():
             for split, path in caches.items():
-                try:
-                    with np.load(npz) as f:
-                        images = f[split]
-                except (KeyError, ValueError, OSError, EOFError) as e:
-                    raise bad_file(npz, f"needs arrays train and valid ({e})") from e
+                images = files.read_npz(npz, [split])[split]
                 check_images(images, size, f"{npz}[{split}]")
                 if not path.exists():
                     write_npy(path, chunked(images), len(images), size)
@@ -108,8 +102,8 @@ class LSUNBedrooms(NaturalImageDataModule):
         if all((root / split).is_dir() for split in SPLITS):
             for split, path in caches.items():
                 if not path.exists():
-                    files = image_files(root / split)
-                    write_npy(path, read_images(files, size, resize=True), len(files), size)
+                    paths = image_files(root / split)
+                    write_npy(path, read_images(paths, size, resize=True), len(paths), size)
             return
         if (root / HF_DIR).is_dir():
             data = load_hf(root / HF_DIR)

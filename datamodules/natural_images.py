@@ -26,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from .base import ImageDataModule
+from .files import bad_file
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +38,6 @@ ImageNet with a box filter too."""
 
 CHUNK = 4096  # images per conversion step: bounds the memory of a cache build
 FIX_CACHE = "delete it: it is rebuilt from the source files in root"
-
-
-def bad_file(where: object, problem: str, fix: str = "delete or replace it") -> ValueError:
-    """A ValueError naming the file, its problem and what to do about it."""
-    return ValueError(
-        f"{where}: {problem}. The file is corrupt, incomplete or not the expected one: {fix}."
-    )
 
 
 def check_images(array: np.ndarray, size: int, where: object, fix: str = "replace it") -> None:

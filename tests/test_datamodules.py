@@ -133,6 +133,38 @@ def test_wrong_npz_is_a_clear_error(tmp_path, tiny, change, message) -> None:
     assert "binarized_mnist.npz" in str(error.value)
 
 
+def cut_in_half(path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def garble_member(path) -> None:
+    """The archive's directory intact, a byte of the first member's data flipped."""
+    data = bytearray(path.read_bytes())
+    data[200] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (lambda p: p.write_bytes(np.random.default_rng(0).bytes(5000)), "not an .npz"),
+        (cut_in_half, "not an .npz"),
+        (garble_member, "damaged archive member"),
+    ],
+    ids=["random bytes", "truncated", "damaged member"],
+)
+def test_corrupt_npz_names_the_file_and_the_fix(tmp_path, tiny, corrupt, message) -> None:
+    """Never numpy's pickle hint (an unsafe fix) or zipfile's bare "File is not a zip file"."""
+    path = tmp_path / "binarized_mnist.npz"
+    np.savez(path, **tiny)
+    corrupt(path)
+    with pytest.raises(ValueError, match=message) as error:
+        BinarizedMNIST(root=str(tmp_path)).setup("fit")
+    text = str(error.value)
+    assert str(path) in text and "delete or replace it" in text and "pickle" not in text
+
+
 def test_missing_files_without_download_name_the_directory_and_files(tmp_path) -> None:
     dm = BinarizedMNIST(root=str(tmp_path), download=False)
     with pytest.raises(FileNotFoundError) as error:
