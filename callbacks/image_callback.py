@@ -3,6 +3,8 @@
 import lightning as L
 import torch
 
+from lightning_modules.backbone.autoregressive import sampling_progress
+
 
 class ImageCallback(L.Callback):
     """Calls ``write(trainer, pl_module, tag)`` every ``every_n_epochs`` validation epochs
@@ -13,7 +15,8 @@ class ImageCallback(L.Callback):
     ``write`` draws from copies of the random number generators: figures (drawn on global
     rank zero only) leave the training's random streams as they were, so rank zero's does
     not drift from the other ranks' and a run's results do not depend on which figures it
-    draws, or how often."""
+    draws, or how often. Pixel-by-pixel sampling inside ``write`` shows a progress bar.
+    """
 
     def __init__(self, every_n_epochs: int, n_reconstructions: int) -> None:
         self.every_n_epochs = every_n_epochs
@@ -47,5 +50,6 @@ class ImageCallback(L.Callback):
 
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str) -> None:
         device = pl_module.device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        forked = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+        with forked, sampling_progress(f"{type(self).__name__} {tag}"):
             self.write(trainer, pl_module, tag)

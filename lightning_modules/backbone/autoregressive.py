@@ -1,11 +1,26 @@
 """Ancestral sampling of an autoregressive image model, pixel by pixel in raster order."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
+from tqdm.auto import tqdm
 
 ParamsFn = Callable[[torch.Tensor, slice], torch.Tensor]
 SampleFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+_progress_label: ContextVar[str | None] = ContextVar("progress_label", default=None)
+
+
+@contextmanager
+def sampling_progress(label: str) -> Iterator[None]:
+    """Within this block every :func:`sample_autoregressive` shows a progress bar over the
+    canvas rows, named ``label``: drawing figures pixel by pixel can take minutes on a CPU."""
+    token = _progress_label.set(label)
+    try:
+        yield
+    finally:
+        _progress_label.reset(token)
 
 
 @torch.no_grad()
@@ -35,7 +50,15 @@ def sample_autoregressive(
     _, channels, height, width = shape
 
     groups = [[c] for c in range(channels)] if sequential_channels else [list(range(channels))]
-    for i in range(height):
+    label = _progress_label.get()
+    rows_done = tqdm(
+        range(height),
+        desc=f"{label}: sampling {channels}x{height}x{width} x {shape[0]}",
+        unit="row",
+        disable=label is None,
+        dynamic_ncols=True,
+    )
+    for i in rows_done:
         top = 0 if context_rows is None else max(0, i - context_rows)
         rows = slice(top, i + 1)
         for j in range(width):
