@@ -23,6 +23,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from arvae import report, resume, sweep
 from arvae.checkpoint_io import AtomicCheckpointIO, check_readable
 from callbacks import (
+    CollapseAlarm,
     KLBreakdown,
     LossyCode,
     NoiseVariation,
@@ -68,6 +69,7 @@ class ArvaeCLI(LightningCLI):
         )
         parser.add_lightning_class_args(SampleGrid, "samples")
         parser.add_lightning_class_args(KLBreakdown, "kl_breakdown")
+        parser.add_lightning_class_args(CollapseAlarm, "collapse_alarm")
         parser.add_lightning_class_args(NoiseVariation, "noise_variation")
         parser.add_lightning_class_args(LossyCode, "lossy_code")
         parser.add_lightning_class_args(TestReport, "test_report")

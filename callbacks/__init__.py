@@ -1,5 +1,6 @@
 """Lightning callbacks shared by every model (they use only the model contract)."""
 
+from .collapse_alarm import CollapseAlarm
 from .kl_breakdown import KLBreakdown
 from .lossy_code import LossyCode
 from .noise_variation import NoiseVariation
@@ -10,6 +11,7 @@ from .sample_grid import SampleGrid
 from .test_report import TestReport
 
 __all__ = [
+    "CollapseAlarm",
     "KLBreakdown",
     "LossyCode",
     "NoiseVariation",

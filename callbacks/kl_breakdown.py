@@ -1,4 +1,4 @@
-"""The cost breakdown behind PixelVAE Fig. 4b: reconstruction and KL per epoch."""
+"""The cost breakdown behind PixelVAE Fig. 4b: reconstruction, KL and active units per epoch."""
 
 import csv
 from pathlib import Path
@@ -10,10 +10,10 @@ from .run_dir import run_dir
 
 
 def stage_terms(metrics: dict, stage: str) -> dict[str, float]:
-    """The ``{stage}/nelbo``, ``{stage}/recon``, ``{stage}/kl/*`` (and IWAE, bpd) entries as
-    floats; not the bounds' standard errors, which the test report keeps."""
+    """The ``{stage}/nelbo``, ``{stage}/recon``, ``{stage}/kl/*`` (and IWAE, bpd, active units)
+    entries as floats; not the bounds' standard errors, which the test report keeps."""
     prefix = f"{stage}/"
-    keep = ("nelbo", "recon", "kl/", "nll_iwae", "bpd")
+    keep = ("nelbo", "recon", "kl/", "nll_iwae", "bpd", "active_units/")
     return {
         k[len(prefix) :]: float(v)
         for k, v in sorted(metrics.items())
@@ -69,7 +69,8 @@ class KLBreakdown(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.rows:
             rank_zero_info(
-                "KL breakdown (nats per image; bpd in bits per dimension):\n" + self.table()
+                "KL breakdown (nats per image; bpd in bits per dimension; active units of"
+                " each latent level):\n" + self.table()
             )
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

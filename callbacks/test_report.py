@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 import lightning as L
 import torch
 from jsonargparse import Namespace
+from lightning.pytorch.utilities import rank_zero_info
 
 from .run_dir import run_dir
 
@@ -61,6 +62,33 @@ class TestReport(L.Callback):
         path = log_dir / self.filename
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2) + "\n")
+        figures = sorted((log_dir / "samples").glob("*_test.png"))
+        units = getattr(pl_module, "latent_dims", {})
+        rank_zero_info(summary(metrics, report["iwae_k"], units, path, figures))
+
+
+def summary(
+    metrics: dict[str, float], iwae_k: int | None, units: dict[str, int], path, figures: list
+) -> str:
+    """The test's headline: its bounds with standard errors, each latent level's KL and
+    active units, and the files it wrote."""
+    parts = []
+    for key, name in (("nelbo", "-ELBO"), ("nll_iwae", f"IWAE (k={iwae_k})")):
+        if f"test/{key}" in metrics:
+            se = metrics.get(f"test/{key}_se", float("nan"))
+            parts.append(f"{name} {metrics[f'test/{key}']:.2f} ± {se:.2f}")
+    lines = ["Test: " + ", ".join(parts) + " nats per image"]
+    if "test/bpd_iwae" in metrics:
+        lines[0] += f" ({metrics['test/bpd_iwae']:.3f} bits/dim)"
+    for key in sorted(k for k in metrics if k.startswith("test/kl/")):
+        level = key.removeprefix("test/kl/")
+        active = metrics.get(f"test/active_units/{level}")
+        n = f" of {units[level]}" if level in units else ""
+        count = f", {active:.0f}{n} units active" if active is not None else ""
+        lines.append(f"  latent {level}: KL {metrics[key]:.2f} nats{count}")
+    lines.append(f"Metrics: {path}")
+    lines += [f"Figure: {figure}" for figure in figures]
+    return "\n".join(lines)
 
 
 def json_safe(value):

@@ -278,6 +278,9 @@ class HierarchicalPixelVAE(ImageModel):
             terms[f"kl/{name}"] = kl.flatten(1).sum(1)
         return terms
 
+    def posterior_mean(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: mean for name, (mean, _) in zip(self.levels, self.encode(x), strict=True)}
+
     def log_weights(self, x: torch.Tensor, q, eps: dict[str, torch.Tensor]) -> torch.Tensor:
         """log p(x, z^s) - log q(z^s|x), (B, n), with z^s_i ~ q(z_i|x) at every level."""
         b, n = x.shape[0], eps[self.levels[0]].shape[1]

@@ -110,6 +110,9 @@ class PixelVAE(ImageModel):
         kl = DiagonalGaussian.kl_standard_normal(mean, log_std).sum(1)
         return {"recon": recon, "kl/z": kl}
 
+    def posterior_mean(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"z": self.encode(x)[0]}
+
     def log_weights(self, x: torch.Tensor, q, eps: dict[str, torch.Tensor]) -> torch.Tensor:
         """log p(x|z_s) + log p(z_s) - log q(z_s|x) for z_s = mean + std * eps_s, (B, n)."""
         mean, log_std = q

@@ -185,6 +185,14 @@ class VLAE(ImageModel):
             kl = log_q - self.log_prior(z)
         return {"recon": -self.log_px_z(x, z), "kl/z": kl}
 
+    def posterior_mean(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The mean of the Gaussian q(y|x), through the IAF when there is one: the flow's
+        image of the mean, not exactly E_q[z] under a nonlinear flow, but what moves with x."""
+        mean, _, context = self.encode(x)
+        if self.posterior_flow is None:
+            return {"z": mean}
+        return {"z": self.posterior_flow(mean, context)[0]}
+
     def log_weights(self, x: torch.Tensor, q, eps: dict[str, torch.Tensor]) -> torch.Tensor:
         """log p(x|z_s) + log p(z_s) - log q(z_s|x), (B, n): exact log densities, the flows'
         log-determinants included."""

@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import warnings
 
 import lightning as L
 import numpy as np
@@ -13,8 +14,9 @@ from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 from tiny_data import TinyBinary, TinyColour
 
-from callbacks import KLBreakdown, NoiseVariation, SampleGrid, TestReport
+from callbacks import CollapseAlarm, KLBreakdown, NoiseVariation, SampleGrid, TestReport
 from callbacks.images import image_grid
+from callbacks.test_report import summary
 from datamodules.base import eval_order
 from datamodules.binarized_mnist import load_sample
 from lightning_modules import HierarchicalPixelVAE, PixelVAE
@@ -121,7 +123,7 @@ def test_image_grid_scale_draws_each_pixel_as_a_block():
     grid = image_grid(images, ncols=2, pad=2, scale=3)
     assert grid.shape == (2 * (9 + 2), 2 * (15 + 2))
     one = image_grid(images, ncols=2, pad=0)
-    for i, (r, c) in enumerate([(0, 0), (0, 1), (1, 0)]):
+    for r, c in [(0, 0), (0, 1), (1, 0)]:
         cell = grid[r * 11 : r * 11 + 9, c * 17 : c * 17 + 15]
         np.testing.assert_array_equal(
             cell, one[r * 3 : r * 3 + 3, c * 5 : c * 5 + 5].repeat(3, 0).repeat(3, 1)
@@ -203,7 +205,8 @@ def test_kl_breakdown_rows_per_validation_epoch_and_test(tmp_path):
         ("val", "2"),
     ]
     assert [r["stage"] for r in rows] == ["val"] * 3 + ["test"]  # no sanity-check row
-    assert {"stage", "epoch", "nelbo", "recon", "kl/z", "nll_iwae"} == set(rows[0])
+    columns = {"stage", "epoch", "nelbo", "recon", "kl/z", "nll_iwae", "active_units/z"}
+    assert columns == set(rows[0])
     for row in rows:
         nelbo, recon, kl = (float(row[k]) for k in ("nelbo", "recon", "kl/z"))
         assert math.isfinite(nelbo) and kl >= 0
@@ -214,7 +217,63 @@ def test_kl_breakdown_rows_per_validation_epoch_and_test(tmp_path):
     assert "| stage |" in kl_cb.table() and len(kl_cb.table().splitlines()) == 2 + 4
 
 
+# ---------------------------------------------------------------------------- CollapseAlarm
+def test_collapse_alarm_warns_once_after_warm_up_naming_the_knobs(tmp_path):
+    """A fresh PixelVAE's encoder ignores x (KL 0, no active unit): no warning while the KL
+    warms up; after it, one per stage, naming the level and the options that help."""
+    model, data = tiny_vae(), TinyBinary(n_test=9)
+    model.kl_warmup_steps = 100
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, [CollapseAlarm()], max_epochs=2).fit(model, datamodule=data)
+    assert not [w for w in caught if "collapse" in str(w.message)]
+
+    model.kl_warmup_steps = 0
+    t = trainer(tmp_path, [CollapseAlarm()], max_epochs=2)
+    with pytest.warns(UserWarning, match="Posterior collapse") as caught:
+        t.fit(model, datamodule=data)
+        t.test(model, datamodule=data)
+    messages = [str(w.message) for w in caught if "collapse" in str(w.message)]
+    assert [m.split(" step")[0] for m in messages] == [
+        "Posterior collapse at val",
+        "Posterior collapse at test",
+    ]
+    for knob in ("'z'", "kl_warmup_steps", "free_bits", "receptive field", "lambda"):
+        assert knob in messages[0]
+
+
+def test_collapse_alarm_is_quiet_for_a_latent_in_use():
+    """A level with KL above the threshold and active units is not flagged; one with either
+    at ~0 is, and a model without latents never is."""
+    alarm, model = CollapseAlarm(), tiny_vae()
+    run = type("Run", (), {})()
+    for metrics, flagged in (
+        ({"val/kl/z": 3.0, "val/active_units/z": 2.0}, {}),
+        ({"val/kl/z": 0.2, "val/active_units/z": 2.0}, {"z": "KL 0.2 nats per image"}),
+        ({"val/kl/z": 3.0, "val/active_units/z": 0.0}, {"z": "0 of 4 units active"}),
+    ):
+        run.callback_metrics = {k: torch.tensor(v) for k, v in metrics.items()}
+        assert alarm.collapsed(run, model, "val") == flagged
+    run.callback_metrics = {}
+    assert alarm.collapsed(run, model, "val") == {}
+
+
 # ------------------------------------------------------------------------------ TestReport
+def test_test_summary_names_bounds_latents_and_files(tmp_path):
+    metrics = {
+        "test/nelbo": 119.754, "test/nelbo_se": 0.759, "test/nll_iwae": 115.07,
+        "test/nll_iwae_se": 0.74, "test/kl/z": 16.13, "test/active_units/z": 12.0,
+    }  # fmt: skip
+    figures = [tmp_path / "samples" / "samples_test.png"]
+    text = summary(metrics, 20, {"z": 32}, tmp_path / "test_metrics.json", figures)
+    assert text.splitlines() == [
+        "Test: -ELBO 119.75 ± 0.76, IWAE (k=20) 115.07 ± 0.74 nats per image",
+        "  latent z: KL 16.13 nats, 12 of 32 units active",
+        f"Metrics: {tmp_path / 'test_metrics.json'}",
+        f"Figure: {figures[0]}",
+    ]
+
+
 def test_test_report_json(tmp_path):
     t = trainer(tmp_path, [TestReport(filename="report.json")], max_epochs=1)
     model, data = tiny_vae(), TinyBinary(n_test=9)

@@ -59,8 +59,16 @@ def test_a_nonfinite_step_is_skipped_counted_and_training_goes_on(tmp_path):
     assert t.global_step == 6 and model.skipped_steps == 2 and model.bad_steps == 0
     assert not torch.equal(model.seen[4][key], model.seen[5][key])
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    logged = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
-    assert "train/grad_norm" in logged and "train/skipped_steps" in logged
+    with open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv", newline="") as f:
+        rows = {int(r["step"]): r for r in csv.DictReader(f)}
+    # a skipped step logs as skipped, with its own non-finite loss and gradient norm, not
+    # with the last good step's
+    for step in range(6):
+        skipped = step in (2, 3)
+        assert rows[step]["train/skipped"] == ("1.0" if skipped else "0.0"), step
+        for key in ("train/loss", "train/nelbo", "train/recon", "train/grad_norm"):
+            assert math.isfinite(float(rows[step][key])) != skipped, (step, key, rows[step][key])
+    assert [rows[s]["train/skipped_steps"] for s in range(2, 6)] == ["1.0", "2.0", "2.0", "2.0"]
 
 
 def test_too_many_nonfinite_steps_in_a_row_stop_with_a_checkpoint(tmp_path):
