@@ -11,6 +11,11 @@ With ``--ledger experiments/ledger.yaml`` it is the reproduction ledger instead:
 paper number (paper, dataset, model and config, the paper's value), filled from the newest
 tested run of the target's run name and model options (ours, k, training steps, command,
 checkpoint), and "not run" where there is none.
+
+With ``--plot OPTION`` (a dotted model option, e.g. ``pixelcnn.n_layers``) it also draws the
+sweep as PNGs beside the table (``--out``'s folder, else the first path): ``--metric``
+against the option, one line per model (Fig. 4a), and the reconstruction / KL breakdown of
+the latent models (Fig. 4b); see :mod:`arvae.plots`.
 """
 
 import argparse
@@ -150,8 +155,14 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument(
         "--ledger", type=Path, help="reproduction targets (experiments/ledger.yaml)"
     )
+    parser.add_argument("--plot", metavar="OPTION", help="draw the metrics against this option")
+    parser.add_argument(
+        "--metric", default="nll_iwae", help="test metric of --plot (nll_iwae, nelbo, bpd_iwae…)"
+    )
     args = parser.parse_args(argv)
     reports = collect(args.paths)
+    if args.plot and args.plot not in args.columns:
+        args.columns.append(args.plot)
     if args.ledger:
         table = ledger(args.ledger, reports)
     else:
@@ -160,5 +171,12 @@ def main(argv: list[str] | None = None) -> str:
         table = markdown(rows)
     print(table)
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(table + "\n")
+    if args.plot:
+        from . import plots  # matplotlib: only when drawing
+
+        folder = args.out.parent if args.out else next(iter(args.paths), Path("."))
+        for path in plots.plot_sweep(reports, args.plot, args.metric, folder):
+            print(f"Figure: {path}")
     return table

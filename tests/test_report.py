@@ -1,19 +1,23 @@
-"""`arvae report`: test_metrics.json files -> one Markdown table."""
+"""`arvae report`: test_metrics.json files -> one Markdown table, and sweep plots."""
 
 import json
 
+import numpy as np
 import yaml
+from PIL import Image
 from test_cli import REPO
 
 from arvae.cli import main
 
 
-def write_run(path, layers: int, nelbo: float, se: float | None = None) -> None:
+def write_run(
+    path, layers: int, nelbo: float, se: float | None = None, model: str = "PixelVAE"
+) -> None:
     """A run's test_metrics.json; with ``se``, the bounds' standard errors as well (runs
     tested before arvae logged them have none)."""
     path.mkdir(parents=True)
     report = {
-        "model": "PixelVAE",
+        "model": model,
         "hparams": {"pixelcnn": {"class_path": "x", "init_args": {"n_layers": layers}}},
         "iwae_k": 5000,
         "n_test_examples": 10000,
@@ -99,3 +103,32 @@ def test_every_ledger_target_names_a_shipped_config_and_its_run_name():
         if overlays:  # an ablation's runs are told apart by the options its overlay sets
             overlay = yaml.safe_load((config.parent / f"{overlays[0]}.yaml").read_text())
             assert target["match"] == overlay["model"]["init_args"], target
+
+
+def test_report_plots_a_sweep_against_its_option(tmp_path, capsys):
+    """Fig. 4a/4b from a layer sweep of two models: the IWAE NLL per model against the swept
+    option (runs sorted by it, repeated values kept), the breakdown for the latent model."""
+    from arvae.plots import series
+
+    runs = tmp_path / "runs"
+    for i, (layers, nelbo) in enumerate([(4, 81.0), (1, 90.0), (2, 85.0), (2, 85.5)]):
+        write_run(runs / f"vae{i}", layers, nelbo)
+    for i, layers in enumerate([1, 4]):
+        write_run(runs / f"cnn{i}", layers, 100.0 - layers, model="PixelCNN")
+    out = tmp_path / "report" / "table.md"
+    main(["report", str(runs), "--plot", "pixelcnn.n_layers", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "| pixelcnn.n_layers |" in printed.splitlines()[0]  # the option joins the table
+    figures = [out.parent / "nll_iwae_vs_pixelcnn_n_layers.png"]
+    figures.append(out.parent / "breakdown_vs_pixelcnn_n_layers.png")
+    for figure in figures:
+        assert f"Figure: {figure}" in printed
+        image = np.asarray(Image.open(figure).convert("L"))
+        assert image.shape[0] >= 300 and len(np.unique(image)) > 10  # drawn, not blank
+    from arvae.report import collect
+
+    reports = collect([runs])
+    nll = series(reports, "pixelcnn.n_layers", "nll_iwae")
+    assert nll["PixelVAE"] == [(1, 89.0), (2, 84.0), (2, 84.5), (4, 80.0)]
+    assert nll["PixelCNN"] == [(1, 98.0), (4, 95.0)]
+    assert series(reports, "pixelcnn.n_layers", "kl")["PixelVAE"][0] == (1, 2.0)
