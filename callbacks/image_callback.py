@@ -15,7 +15,8 @@ class ImageCallback(L.Callback):
     ``write`` draws from copies of the random number generators: figures (drawn on global
     rank zero only) leave the training's random streams as they were, so rank zero's does
     not drift from the other ranks' and a run's results do not depend on which figures it
-    draws, or how often. Pixel-by-pixel sampling inside ``write`` shows a progress bar.
+    draws, or how often. Pixel-by-pixel sampling inside ``write`` shows a progress bar and
+    stops within a row of a SIGTERM.
     """
 
     def __init__(self, every_n_epochs: int, n_reconstructions: int) -> None:
@@ -51,5 +52,5 @@ class ImageCallback(L.Callback):
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str) -> None:
         device = pl_module.device
         forked = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-        with forked, sampling_progress(f"{type(self).__name__} {tag}"):
+        with forked, sampling_progress(f"{type(self).__name__} {tag}", pl_module.stop_if_signalled):
             self.write(trainer, pl_module, tag)

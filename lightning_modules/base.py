@@ -31,6 +31,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 from torchmetrics import MeanMetric
 
@@ -192,10 +193,10 @@ class ImageModel(L.LightningModule):
         b = x.shape[0]
         q = self.encode(x)
         chunk = self.iwae_chunk(b)
-        log_w = [
-            self.log_weights(x, q, self.importance_noise(b, min(chunk, k - start)))
-            for start in range(0, k, chunk)
-        ]
+        log_w = []
+        for start in range(0, k, chunk):
+            self.stop_if_signalled()  # a batch of k = 5000 takes minutes on a CPU
+            log_w.append(self.log_weights(x, q, self.importance_noise(b, min(chunk, k - start))))
         return log_mean_exp(torch.cat(log_w, dim=1))
 
     def sample(self, n: int, noise: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -219,6 +220,18 @@ class ImageModel(L.LightningModule):
                 f" got {tuple(x.shape)}. Set model.init_args.image_shape to match the data"
                 " (the CLI links it from data.data_shape) or fix the datamodule's output."
             )
+
+    def stop_if_signalled(self) -> None:
+        """Raise Lightning's SIGTERMException if the trainer got a SIGTERM: long work inside
+        one batch (an importance-weighted bound, pixel-by-pixel sampling) calls this between
+        its pieces, so that a stop takes seconds, not the rest of the batch. The stop then
+        goes as Lightning's between batches does (``on_exception`` hooks, then exit)."""
+        try:
+            stop = self.trainer.received_sigterm
+        except RuntimeError:  # not attached to a trainer: nothing to stop
+            return
+        if stop:
+            raise SIGTERMException
 
     @contextmanager
     def per_example_noise(self, index: torch.Tensor):

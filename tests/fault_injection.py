@@ -54,3 +54,14 @@ class NaNBatchOnRank(L.Callback):
         sums = trainer.strategy.all_gather(checksum.float()).reshape(-1)
         if not bool((sums == sums[0]).all()):
             raise RuntimeError(f"DDP replicas drifted apart: weight checksums {sums.tolist()}")
+
+
+class SigtermAtTestBatch(L.Callback):
+    """SIGTERM this process (a cluster's stop) as test batch ``batch`` starts, once."""
+
+    def __init__(self, batch: int = 0) -> None:
+        self.batch = batch
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == self.batch:
+            os.kill(os.getpid(), signal.SIGTERM)

@@ -344,3 +344,26 @@ def test_sampling_with_a_receptive_field_window_is_exact(kind):
     )
     assert torch.equal(full, window)
     assert net.receptive_rows < 9 - 1  # the window really is smaller than the canvas
+
+
+def test_sampling_progress_checks_for_a_stop_after_every_row(capsys):
+    """Inside sampling_progress, sampling shows its bar (on stderr) and calls the check after
+    each row: a check that raises (on SIGTERM) stops it there, not at the end of the image."""
+    from lightning_modules.backbone.autoregressive import sampling_progress
+
+    cat, calls = Categorical(2), []
+
+    def params(x, rows):
+        return torch.zeros(x.shape[0], 2, x.shape[2], x.shape[3])
+
+    def check():
+        calls.append(len(calls))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    with sampling_progress("Figure test", check), pytest.raises(KeyboardInterrupt):
+        sample_autoregressive(params, cat.sample, (2, 1, 5, 3))
+    assert calls == [0, 1]  # after rows 0 and 1 of 5
+    assert "Figure test: sampling 1x5x3 x 2" in capsys.readouterr().err
+    sample_autoregressive(params, cat.sample, (2, 1, 5, 3))  # outside: no check, no bar
+    assert calls == [0, 1] and capsys.readouterr().err == ""

@@ -5,6 +5,7 @@ import csv
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import lightning as L
@@ -345,3 +346,23 @@ def test_wandb_offline_logs_from_yaml_and_a_resumed_run_continues_the_same_wandb
     runs = sorted(p.name for p in (tmp_path / "runs" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(name.endswith(wandb_id) for name in runs)
     assert json.loads((run / "run_record.json").read_text())["wandb_id"] == wandb_id
+
+
+def test_a_sigterm_inside_a_long_test_batch_stops_the_run_within_seconds(tmp_path):
+    """A SIGTERM as the one test batch starts, whose bound has k = 100000 importance samples
+    in chunks of 37 (~20 minutes on a CPU): the IWAE loop checks for it between chunks, so the
+    run stops within seconds through Lightning's stop (exit code 0: SIGTERMException is
+    SystemExit), with no test_metrics.json for the unfinished test."""
+    ok(arvae("fit", *RUN, "--test_after_fit", "false", cwd=tmp_path))
+    (ckpt,) = (tmp_path / "runs" / "run" / "version_0" / "checkpoints").glob("last*.ckpt")
+    started = time.monotonic()
+    result = arvae(
+        "test", "--ckpt_path", str(ckpt), *QUIET,
+        "--model.init_args.iwae_k", "100000", "--model.init_args.iwae_batch", "37",
+        "--trainer.callbacks+=tests.fault_injection.SigtermAtTestBatch",
+        "--trainer.logger.init_args.name", "stopped",
+        cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert time.monotonic() - started < 60, "the test batch ran on after the SIGTERM"
+    assert "Received SIGTERM" in result.stderr + result.stdout
+    assert not list((tmp_path / "runs").rglob("stopped/**/test_metrics.json"))

@@ -9,18 +9,19 @@ from tqdm.auto import tqdm
 
 ParamsFn = Callable[[torch.Tensor, slice], torch.Tensor]
 SampleFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
-_progress_label: ContextVar[str | None] = ContextVar("progress_label", default=None)
+_progress: ContextVar[tuple[str, Callable[[], None]] | None] = ContextVar("progress", default=None)
 
 
 @contextmanager
-def sampling_progress(label: str) -> Iterator[None]:
+def sampling_progress(label: str, check: Callable[[], None] = lambda: None) -> Iterator[None]:
     """Within this block every :func:`sample_autoregressive` shows a progress bar over the
-    canvas rows, named ``label``: drawing figures pixel by pixel can take minutes on a CPU."""
-    token = _progress_label.set(label)
+    canvas rows, named ``label``, and calls ``check()`` after each row (which raises to stop
+    it, e.g. on SIGTERM): drawing figures pixel by pixel can take minutes on a CPU."""
+    token = _progress.set((label, check))
     try:
         yield
     finally:
-        _progress_label.reset(token)
+        _progress.reset(token)
 
 
 @torch.no_grad()
@@ -50,7 +51,7 @@ def sample_autoregressive(
     _, channels, height, width = shape
 
     groups = [[c] for c in range(channels)] if sequential_channels else [list(range(channels))]
-    label = _progress_label.get()
+    label, check = _progress.get() or (None, lambda: None)
     rows_done = tqdm(
         range(height),
         desc=f"{label}: sampling {channels}x{height}x{width} x {shape[0]}",
@@ -66,4 +67,5 @@ def sample_autoregressive(
             for group in groups:
                 params = params_fn(x[:, :, rows], rows)[:, :, -1:, j : j + 1]
                 x[:, group, i, j] = sample_fn(params, position)[:, group, 0, 0].to(x.dtype)
+        check()
     return x
