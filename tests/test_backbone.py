@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from einops import rearrange
+from torch import nn
 
 from lightning_modules.backbone import (
     GatedBlock,
@@ -16,6 +17,7 @@ from lightning_modules.backbone import (
     ResBlock,
     causal_mask,
     from_vector,
+    he_init_,
     n_halvings,
     resnet,
     sample_autoregressive,
@@ -367,3 +369,22 @@ def test_sampling_progress_checks_for_a_stop_after_every_row(capsys):
     assert "Figure test: sampling 1x5x3 x 2" in capsys.readouterr().err
     sample_autoregressive(params, cat.sample, (2, 1, 5, 3))  # outside: no check, no bar
     assert calls == [0, 1] and capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        nn.Conv2d(64, 48, 3, padding=1),
+        nn.ConvTranspose2d(64, 48, 3, stride=2, padding=1, output_padding=1),
+        nn.ConvTranspose2d(64, 32, 4, stride=2, padding=1),
+    ],
+    ids=["conv", "transposed 3x3 stride 2", "transposed 4x4 stride 2"],
+)
+def test_he_init_keeps_the_second_moment_through_a_layer(layer):
+    """He init: after a ReLU (second moment 1/2 of a unit Gaussian's) a layer's outputs have
+    variance ~1, also for transposed convolutions, whose output pixels each sum in x taps /
+    stride^2 terms (PyTorch's fan-in, out x taps, would give 1/4 and 1/2 here)."""
+    torch.manual_seed(0)
+    he_init_(layer)
+    out = layer(torch.relu(torch.randn(64, 64, 12, 12)))
+    assert float(out[..., 2:-2, 2:-2].var()) == pytest.approx(1.0, rel=0.1)

@@ -13,11 +13,19 @@ from torch import nn
 
 
 def he_init_(module: nn.Module) -> nn.Module:
-    """Re-initialize every conv / linear layer in place: N(0, 2/fan_in) weights, zero bias."""
+    """Re-initialize every conv / linear layer in place: N(0, 2/fan_in) weights, zero bias;
+    a transposed convolution's fan-in counts the terms of one output pixel."""
     for m in module.modules():
         if not isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
             continue
-        nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        if isinstance(m, nn.ConvTranspose2d):
+            # PyTorch takes the output channels x taps as a transposed conv's fan-in; an
+            # output pixel sums in_channels x taps / stride^2 terms: 4x smaller weights per
+            # stride-2 layer otherwise, and the decoding of z fades to noise
+            fan_in = m.in_channels * math.prod(m.kernel_size) / math.prod(m.stride)
+            nn.init.normal_(m.weight, std=math.sqrt(2.0 / fan_in))
+        else:
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
         mask = getattr(m, "mask", None)
         if mask is not None:  # fan_in counts only the visible taps
             visible = max(float(mask.sum()) / mask.shape[0], 1.0)
