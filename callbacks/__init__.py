@@ -2,6 +2,7 @@
 
 from .collapse_alarm import CollapseAlarm
 from .kl_breakdown import KLBreakdown
+from .latent_map import LatentMap
 from .lossy_code import LossyCode
 from .noise_variation import NoiseVariation
 from .polyak import PolyakAveraging
@@ -13,6 +14,7 @@ from .test_report import TestReport
 __all__ = [
     "CollapseAlarm",
     "KLBreakdown",
+    "LatentMap",
     "LossyCode",
     "NoiseVariation",
     "PolyakAveraging",

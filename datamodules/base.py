@@ -129,6 +129,9 @@ class ImageDataModule(L.LightningDataModule):
     train_set: Dataset
     val_set: Dataset
     test_set: Dataset
+    labels: dict[str, np.ndarray] = {}
+    """Class label of every example of a split ("train", "valid", "test"), by its index,
+    for the datasets that come with them (8-bit MNIST); empty otherwise."""
 
     def __init__(
         self,

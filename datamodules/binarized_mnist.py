@@ -196,6 +196,25 @@ def load_sample() -> dict[str, np.ndarray]:
         }
 
 
+def read_labels(npz: Path) -> dict[str, np.ndarray]:
+    """The digit classes of mnist.npz (arrays ``train_labels``, ``test_labels``) by split,
+    the validation split's the last MNIST_VALID training ones; {} if it has none."""
+    with np.load(npz, allow_pickle=False) as f:
+        if not {"train_labels", "test_labels"} <= set(f.files):
+            return {}
+    found = files.read_npz(npz, [f"{split}_labels" for split in MNIST_SIZES], REFETCH)
+    for split, n in MNIST_SIZES.items():
+        labels = found[f"{split}_labels"]
+        if labels.shape != (n,) or not np.isin(labels, np.arange(10)).all():
+            raise bad_file(npz, f"{split}_labels is {labels.dtype} {labels.shape}: not ({n},) 0..9")
+    train = found["train_labels"]
+    return {
+        "train": train[:-MNIST_VALID],
+        "valid": train[-MNIST_VALID:],
+        "test": found["test_labels"],
+    }
+
+
 def binarize_fixed(grey: np.ndarray, stream: int) -> np.ndarray:
     """One fixed Bernoulli(grey / 255) draw, the same in every run (for val/test)."""
     rng = np.random.default_rng((EVAL_BINARIZATION_SEED, stream))
@@ -347,6 +366,7 @@ class BinarizedMNIST(ImageDataModule):
         if npz.exists():
             splits = files.read_npz(npz, MNIST_SIZES, REFETCH)
             grey = {split: check_grey(splits[split], n, npz) for split, n in MNIST_SIZES.items()}
+            self.labels = read_labels(npz)
         else:
             grey = {
                 split: read_idx_images(self._root / IDX[split], n)

@@ -42,6 +42,23 @@ def test_table1_configs_parse(row, tmp_path):
     assert config["trainer"]["max_steps"] == 200_000
 
 
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("fig5_conv_vae", {"latent_dim": 2, "pixelcnn": None}),
+        ("fig5_pixelvae", {"latent_dim": 2, "pixelcnn.class_path": GATED, "pixelcnn.n_layers": 13}),
+    ],
+)
+def test_fig5_configs_parse_with_a_2d_latent_on_labelled_dynamic_mnist(name, options, tmp_path):
+    common = PIXELVAE / "_mnist_common.yaml"
+    result = ok(arvae("fit", "-c", str(common), "-c", str(PIXELVAE / f"{name}.yaml"),
+                      "--print_config", cwd=tmp_path))  # fmt: skip
+    config = yaml.safe_load(result.stdout)
+    assert has_options(config["model"]["init_args"], options)
+    assert config["data"]["init_args"]["binarization"] == "dynamic"
+    assert config["latent_map"]["k"] == 5
+
+
 def sweep_command(path: Path) -> tuple[list[str], str, object]:
     """The sweep's command line for the first grid value, as a wandb agent would build it."""
     sweep = yaml.safe_load(path.read_text())
