@@ -8,15 +8,17 @@ arvae sweep experiments/sweeps/pixelvae_layers.yaml   # a wandb sweep's runs, wi
 arvae report runs/          # every tested run as one Markdown table
 """
 
+import logging
 import os
 import sys
 import warnings
+from argparse import RawDescriptionHelpFormatter
 from importlib.resources import files
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
@@ -25,6 +27,7 @@ from arvae.checkpoint_io import AtomicCheckpointIO, check_readable
 from callbacks import (
     CollapseAlarm,
     KLBreakdown,
+    LatentMap,
     LossyCode,
     NoiseVariation,
     RunCheckpoint,
@@ -37,8 +40,26 @@ from datamodules import ImageDataModule
 from lightning_modules import ImageModel, legacy_options
 
 QUICKSTART_CONFIG = files("arvae") / "configs" / "quickstart.yaml"
+MORE_COMMANDS = """more commands:
+  arvae quickstart [options]   fit and test the embedded default (a small PixelVAE on the
+                               binarized-MNIST sample shipped in the package); options as fit's
+  arvae sweep SWEEP.yaml       run a wandb sweep's grid of runs without a server (--help)
+  arvae report RUNS_DIR        every tested run as one Markdown table, and plots (--help)"""
 LINKED = ("image_shape", "data_kind")  # model options the CLI links from the datamodule
 LOG_FILE_REFRESH_BATCHES = 50  # progress-bar redraws when stdout is not a terminal
+
+
+class ArvaeParser(LightningArgumentParser):
+    """LightningCLI's parser, stricter and shorter: an abbreviated option (``--trainer.max_step``)
+    is an error as a misspelt one is, and an error shows one line of usage, not every option."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def print_usage(self, file=None) -> None:
+        prog = self.prog.replace(" [options]", "")
+        (file or sys.stdout).write(f"usage: {prog} [-h] [-c CONFIG] [options]\n")
 
 
 class ArvaeCLI(LightningCLI):
@@ -70,6 +91,7 @@ class ArvaeCLI(LightningCLI):
         parser.add_lightning_class_args(SampleGrid, "samples")
         parser.add_lightning_class_args(KLBreakdown, "kl_breakdown")
         parser.add_lightning_class_args(CollapseAlarm, "collapse_alarm")
+        parser.add_lightning_class_args(LatentMap, "latent_map")
         parser.add_lightning_class_args(NoiseVariation, "noise_variation")
         parser.add_lightning_class_args(LossyCode, "lossy_code")
         parser.add_lightning_class_args(TestReport, "test_report")
@@ -97,6 +119,8 @@ class ArvaeCLI(LightningCLI):
         if ckpt_path != self._defaults_from:
             self._use_checkpoint_defaults(subcommand, ckpt_path)
             self._parse(self.parser, self._args)
+        if subcommand == "test":
+            log_beside_the_run(self.config.test.trainer, Path(ckpt_path))
         saved = self._saved.get("model")
         changed = overridden(self.config[subcommand].model, saved) if saved else []
         if changed:  # wanted for evaluation options; for the architecture, loading will fail
@@ -154,6 +178,20 @@ class ArvaeCLI(LightningCLI):
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt or None)
 
 
+def log_beside_the_run(trainer, ckpt_path: Path) -> None:
+    """``arvae test --ckpt_path runs/NAME/version_N/checkpoints/X.ckpt`` with the default
+    logger logs to ``runs/NAME/version_N/tests/version_M/``, beside the run it tests, not to
+    ``runs/lightning_logs/``; a logger the user configured is left alone."""
+    logger = trainer.get("logger")
+    run = ckpt_path.resolve().parent
+    if run.name != "checkpoints" or not hasattr(logger, "init_args"):
+        return
+    args = logger.init_args
+    default = (logger.class_path, args.get("save_dir"), args.get("name"), args.get("version"))
+    if default == ("arvae.loggers.CSVLogger", "runs", "lightning_logs", None):
+        args.save_dir, args.name = str(run.parent), "tests"
+
+
 def option_value(argv: list[str], option: str) -> str | None:
     """The value of ``--option value`` or ``--option=value`` in a command line, if given."""
     for i, arg in enumerate(argv):
@@ -203,6 +241,12 @@ def cli(args: list[str] | None = None) -> ArvaeCLI:
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
+            parser_class=ArvaeParser,
+            parser_kwargs={
+                "prog": "arvae",
+                "epilog": MORE_COMMANDS,
+                "formatter_class": RawDescriptionHelpFormatter,
+            },
             trainer_defaults={
                 "logger": {
                     "class_path": "arvae.loggers.CSVLogger",
@@ -213,7 +257,23 @@ def cli(args: list[str] | None = None) -> ArvaeCLI:
         )
 
 
+def quiet_lightning() -> None:
+    """Silence what every run would print that the user cannot act on: Lightning's
+    advertising tips, a deprecation inside Lightning's own code, and, outside a SLURM job,
+    the hint to launch with srun (shown because srun is installed)."""
+
+    class NoTips(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not str(record.msg).startswith("💡 Tip")
+
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(NoTips())
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    if "SLURM_JOB_ID" not in os.environ:
+        warnings.filterwarnings("ignore", message="The `srun` command is available on your system")
+
+
 def main(argv: list[str] | None = None) -> None:
+    quiet_lightning()
     # Denormal floats make CPU training several times slower once gradients get tiny; their
     # contribution to the results is nil.
     torch.set_flush_denormal(True)

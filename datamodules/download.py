@@ -42,8 +42,10 @@ def download(
 ) -> None:
     """Fetch `dest` from the first source that works: checksum (when known) and `validate`
     (a content check that raises, for files with no published hash) must pass before the
-    temporary file is renamed to `dest`. Raises RuntimeError listing every mirror's failure.
+    temporary file is renamed to `dest`. Raises RuntimeError listing every mirror's failure,
+    after removing the folders it created for `dest` (nothing in them).
     """
+    created = [p for p in (dest.parent, *dest.parent.parents) if not p.exists()]
     dest.parent.mkdir(parents=True, exist_ok=True)
     errors = []
     for url, checksum in sources:
@@ -64,4 +66,8 @@ def download(
             errors.append(f"  {url}: {type(e).__name__}: {e}")
         finally:
             tmp.unlink(missing_ok=True)
+    for folder in created:  # nothing was fetched: leave no empty data root behind
+        if any(folder.iterdir()):
+            break
+        folder.rmdir()
     raise RuntimeError(f"could not download {dest.name}; tried:\n" + "\n".join(errors))

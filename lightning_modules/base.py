@@ -486,8 +486,8 @@ class ImageModel(L.LightningModule):
             self._bad_terms = {k: float(v.float().mean()) for k, v in terms.items()}
         # logged as they are, NaN or inf on a skipped step: a value left out would show as
         # the epoch's last logged one in the step's row of metrics.csv
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/nelbo", self.nelbo(terms).mean())
+        self.log("train/loss", loss)  # warm-up / free-bits weighted: the bar shows the bound
+        self.log("train/nelbo", self.nelbo(terms).mean(), prog_bar=True)
         if self.data_kind == "8bit":
             self.log("train/bpd", bits_per_dim(self.nelbo(terms).mean(), self.dims))
         for name, value in terms.items():

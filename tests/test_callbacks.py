@@ -14,8 +14,9 @@ from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 from tiny_data import TinyBinary, TinyColour
 
-from callbacks import CollapseAlarm, KLBreakdown, NoiseVariation, SampleGrid, TestReport
+from callbacks import CollapseAlarm, KLBreakdown, LatentMap, NoiseVariation, SampleGrid, TestReport
 from callbacks.images import image_grid
+from callbacks.latent_map import knn_error
 from callbacks.test_report import summary
 from datamodules.base import eval_order
 from datamodules.binarized_mnist import load_sample
@@ -256,6 +257,48 @@ def test_collapse_alarm_is_quiet_for_a_latent_in_use():
         assert alarm.collapsed(run, model, "val") == flagged
     run.callback_metrics = {}
     assert alarm.collapsed(run, model, "val") == {}
+
+
+# -------------------------------------------------------------------------------- LatentMap
+def test_knn_error_leave_one_out():
+    torch.manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    labels = torch.arange(3).repeat_interleave(40)
+    points = centres[labels] + torch.randn(120, 2)
+    assert knn_error(points, labels, k=5) == 0.0  # separated classes
+    shuffled = labels[torch.randperm(120)]
+    assert knn_error(points, shuffled, k=5) > 0.4  # labels unrelated to the points
+    # one point of class 1 among class 0: its neighbours outvote it, and it no one else
+    lone = torch.cat([points[:40], torch.tensor([[0.1, 0.1]])])
+    assert knn_error(lone, torch.cat([labels[:40], torch.tensor([1])]), k=3) == 1 / 41
+
+
+class LabelledBinary(TinyBinary):
+    """TinyBinary with made-up class labels (index mod 3) for its test split."""
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        self.labels = {"test": np.arange(self.sizes["test"]) % 3}
+
+
+def test_latent_map_logs_the_knn_error_and_draws_a_2d_latent(tmp_path):
+    """Fig. 5: the k-NN error of the test set's posterior means (gathered over batches of 10,
+    in index order) and, for a 2-D latent, the scatter; no labels, nothing."""
+    torch.manual_seed(0)
+    model = PixelVAE(latent_dim=2, pixelcnn=gated(n_layers=1, channels=8), iwae_k=1)
+    torch.nn.init.normal_(model.encoder[-1].weight, std=0.1)  # means that depend on x
+    data = LabelledBinary(n_test=37, eval_batch_size=10)
+    t = trainer(tmp_path, [LatentMap(k=3)])
+    (tested,) = t.test(model, datamodule=data, verbose=False)
+    x = torch.stack([data.test_set[i][0] for i in range(37)])
+    with torch.no_grad():
+        means = model.posterior_mean(x)["z"]
+    expected = knn_error(means, torch.as_tensor(data.labels["test"]), k=3)
+    assert tested["test/knn_error/z"] == pytest.approx(expected)
+    png = tmp_path / "run" / "version_0" / "samples" / "latent_z_test.png"
+    assert len(np.unique(np.asarray(Image.open(png).convert("L")))) > 10
+    (tested,) = trainer(tmp_path, [LatentMap()]).test(model, datamodule=TinyBinary(), verbose=False)
+    assert "test/knn_error/z" not in tested
 
 
 # ------------------------------------------------------------------------------ TestReport

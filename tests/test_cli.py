@@ -7,6 +7,7 @@ The repository root goes on PYTHONPATH so that `tests.tiny_data` is importable b
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -300,6 +301,20 @@ def test_options_given_with_ckpt_path_win_over_the_checkpoints(fitted, tmp_path)
         assert (said in result.stderr) == bool(given), result.stderr[-3000:]
 
 
+def test_test_of_a_checkpoint_without_a_config_logs_beside_its_run(fitted, tmp_path):
+    run = tmp_path / "runs" / "fit" / "version_3"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(fitted / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
+    ckpt = str(run / "checkpoints" / "last.ckpt")
+    ok(
+        arvae(
+            "test", "--ckpt_path", ckpt, "--trainer.limit_test_batches", "1", *QUIET, cwd=tmp_path
+        )
+    )
+    assert read_report(run / "tests" / "version_0")["ckpt_path"] == ckpt
+    assert not (tmp_path / "runs" / "lightning_logs").exists()
+
+
 def test_a_checkpoint_whose_options_do_not_parse_is_named(fitted, tmp_path):
     """A checkpoint saved with an option this version does not know fails with its path."""
     import torch
@@ -334,13 +349,36 @@ def test_quickstart_config_is_valid(tmp_path):
     assert config["test_after_fit"] is True
 
 
-def test_misspelt_option_on_the_command_line_is_named(tmp_path):
-    result = arvae(
-        "fit", *SAMPLE_DATA, *TINY_MODEL, "--model.init_args.n_pixelcnn_layerz", "3", cwd=tmp_path
-    )
+@pytest.mark.parametrize(
+    "option", ["--model.init_args.n_pixelcnn_layerz", "--trainer.max_step"], ids=["typo", "prefix"]
+)
+def test_misspelt_or_abbreviated_option_is_named_in_a_short_error(tmp_path, option):
+    """argparse would take a prefix of an option (``--trainer.max_step``) as the option; a
+    misspelt key gets one line of usage, then the line that names it, not every option."""
+    result = arvae("fit", *SAMPLE_DATA, *TINY_MODEL, option, "3", cwd=tmp_path)
     assert result.returncode != 0
-    assert "n_pixelcnn_layerz" in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[0] == "usage: arvae fit [-h] [-c CONFIG] [options]", lines[:3]
+    assert lines[1].startswith("tip: ") and lines[2].startswith("error: "), lines[:3]
+    assert option.rsplit(".", 1)[1] in "\n".join(lines[2:]) and len(lines) < 15
     assert not (tmp_path / "runs").exists()  # rejected before anything ran
+
+
+def test_a_run_that_fails_to_start_leaves_no_empty_run_directory(tmp_path):
+    """Missing data: the error names the files; no version_0 (nor runs/) is left behind."""
+    result = arvae(
+        "fit", *TINY_MODEL, "--data.class_path", "datamodules.BinarizedMNIST",
+        "--data.init_args.root", "absent", "--data.init_args.download", "false", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode != 0 and "binarized_mnist" in result.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "absent").exists()
+    assert "Tip:" not in result.stdout + result.stderr  # Lightning's advertising, filtered
+
+
+def test_help_lists_the_commands_beyond_lightnings(tmp_path):
+    help_text = ok(arvae("--help", cwd=tmp_path)).stdout
+    for command in ("fit", "test", "arvae quickstart", "arvae sweep", "arvae report"):
+        assert command in help_text
 
 
 @pytest.mark.parametrize(

@@ -203,6 +203,13 @@ def test_download_falls_back_to_the_next_mirror(tmp_path, tiny, monkeypatch, fai
     assert not list(tmp_path.glob(".*part"))
 
 
+def test_a_failed_download_leaves_no_empty_data_root(tmp_path) -> None:
+    dest = tmp_path / "data" / "mnist" / "binarized_mnist.npz"
+    with pytest.raises(RuntimeError, match="could not download binarized_mnist.npz"):
+        dl.download([((tmp_path / "nowhere.npz").as_uri(), None)], dest)
+    assert not (tmp_path / "data").exists()
+
+
 def test_checksum_mismatch_is_an_error_and_leaves_no_file(tmp_path, tiny, monkeypatch) -> None:
     for key in bm.SHA256:
         monkeypatch.setitem(bm.SHA256, key, "0" * 64)
@@ -265,6 +272,23 @@ def test_dynamic_binarization_differs_per_epoch_and_is_reproducible(tmp_path, gr
     assert (e0[0, 0, 0] == 0).all() and (e0[0, 0, 1] == 1).all()
     p = grey["train"][:8] / 255  # Bernoulli(grey / 255): means agree over 8 x 784 pixels
     assert abs(np.mean([train_epoch(dm, e) for e in range(5)]) - p.mean()) < 0.01
+
+
+def test_dynamic_mnist_labels_follow_the_splits(tmp_path, grey) -> None:
+    """mnist.npz with train_labels / test_labels: labels by split, valid the last training
+    ones (as its images); without them none; out-of-range ones are a clear error."""
+    dm = BinarizedMNIST(root=str(tmp_path), binarization="dynamic")
+    dm.setup("test")
+    assert dm.labels == {}
+    train, test = np.arange(12, dtype=np.uint8) % 10, np.arange(5, dtype=np.uint8)
+    np.savez(tmp_path / "mnist.npz", **grey, train_labels=train, test_labels=test)
+    dm.setup("test")
+    assert {k: v.tolist() for k, v in dm.labels.items()} == {
+        "train": train[:8].tolist(), "valid": train[8:].tolist(), "test": test.tolist()
+    }  # fmt: skip
+    np.savez(tmp_path / "mnist.npz", **grey, train_labels=train + 5, test_labels=test)
+    with pytest.raises(ValueError, match="train_labels is uint8 \\(12,\\): not \\(12,\\) 0..9"):
+        dm.setup("test")
 
 
 def test_dynamic_val_and_test_are_fixed_across_seeds(tmp_path, grey) -> None:
