@@ -196,13 +196,15 @@ def load_sample() -> dict[str, np.ndarray]:
         }
 
 
-def read_labels(npz: Path) -> dict[str, np.ndarray]:
-    """The digit classes of mnist.npz (arrays ``train_labels``, ``test_labels``) by split,
-    the validation split's the last MNIST_VALID training ones; {} if it has none."""
-    with np.load(npz, allow_pickle=False) as f:
-        if not {"train_labels", "test_labels"} <= set(f.files):
-            return {}
-    found = files.read_npz(npz, [f"{split}_labels" for split in MNIST_SIZES], REFETCH)
+LABELS = [f"{split}_labels" for split in ("train", "test")]  # optional arrays of mnist.npz
+
+
+def split_labels(found: dict[str, np.ndarray], npz: Path) -> dict[str, np.ndarray]:
+    """The digit classes of mnist.npz's arrays ``train_labels``, ``test_labels`` (read into
+    ``found``) by split, the validation split's the last MNIST_VALID training ones; {} if it
+    has none."""
+    if not set(LABELS) <= set(found):
+        return {}
     for split, n in MNIST_SIZES.items():
         labels = found[f"{split}_labels"]
         if labels.shape != (n,) or not np.isin(labels, np.arange(10)).all():
@@ -364,9 +366,9 @@ class BinarizedMNIST(ImageDataModule):
         self._ensure_files()
         npz = self._root / MNIST_NPZ
         if npz.exists():
-            splits = files.read_npz(npz, MNIST_SIZES, REFETCH)
+            splits = files.read_npz(npz, MNIST_SIZES, REFETCH, optional=LABELS)
             grey = {split: check_grey(splits[split], n, npz) for split, n in MNIST_SIZES.items()}
-            self.labels = read_labels(npz)
+            self.labels = split_labels(splits, npz)
         else:
             grey = {
                 split: read_idx_images(self._root / IDX[split], n)
