@@ -6,6 +6,7 @@ Added to an `arvae fit` subprocess with ``--trainer.callbacks+=tests.fault_injec
 
 import os
 import signal
+import time
 
 import lightning as L
 
@@ -65,3 +66,16 @@ class SigtermAtTestBatch(L.Callback):
     def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         if batch_idx == self.batch:
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+class SlowUntilRequeued(L.Callback):
+    """Sleep ``seconds`` after every training step of a job's first launch (until SLURM has
+    requeued it: ``SLURM_RESTART_COUNT`` > 0), so that a real cluster's time-limit signal
+    arrives mid-training; the requeued launch runs at full speed."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if int(os.environ.get("SLURM_RESTART_COUNT", "0")) == 0:
+            time.sleep(self.seconds)
