@@ -1,6 +1,7 @@
 """Plain-PyTorch building blocks shared by every model (no Lightning, nothing model-specific)."""
 
 from .autoregressive import sample_autoregressive
+from .embedding_net import EmbeddingNet
 from .flows import AutoregressiveFlowPrior, IAFPosterior
 from .gated_pixelcnn import GatedBlock, GatedHead, GatedPixelCNN, gate
 from .init import he_init_, shrink_init_, zero_init_
@@ -29,6 +30,7 @@ from .weight_norm import data_dependent_init_, weight_norm_, weight_norm_masked_
 
 __all__ = [
     "AutoregressiveFlowPrior",
+    "EmbeddingNet",
     "IAFPosterior",
     "LocalPixelCNN",
     "data_dependent_init_",

@@ -40,6 +40,7 @@ class PixelDecoder(nn.Module):
 
     receptive_rows: int | None = None
     needs_data_init: bool = False
+    model_given = 5  # the leading arguments a model fills in (see the module docstring)
 
     def __init__(
         self,
@@ -85,8 +86,6 @@ class PixelDecoder(nn.Module):
 # by the model as factory(in_channels, out_channels, n_colors, cond_vec_dim, cond_map_channels)
 PixelDecoderFactory = Callable[[int, int, int, int, int], PixelDecoder]
 
-MODEL_GIVEN = 5  # in_channels, out_channels, n_colors, cond_vec_dim, cond_map_channels
-
 
 def class_path(cls: type) -> str:
     """The import path of a class as jsonargparse writes it: through its package when the
@@ -106,7 +105,7 @@ def factory_config(factory) -> dict:
         if isinstance(factory, functools.partial)
         else (factory, {})
     )
-    options = list(inspect.signature(cls).parameters.values())[MODEL_GIVEN:]
+    options = list(inspect.signature(cls).parameters.values())[cls.model_given :]
     init_args = {p.name: bound.get(p.name, p.default) for p in options}
     return {"class_path": class_path(cls), "init_args": init_args}
 
@@ -124,13 +123,15 @@ def as_factory(spec) -> Callable[..., PixelDecoder]:
 
 def network_config(value) -> dict | None:
     """The config of a network option in any of its forms (class, partial, config dict),
-    every init arg filled in; None for anything that is not a PixelDecoder option."""
+    every init arg filled in; None for anything that is not a network option: a module
+    class (a PixelDecoder, an EmbeddingNet) with ``model_given``, the number of its leading
+    arguments that the model fills in."""
     if isinstance(value, dict) and "class_path" in value:
         try:
             value = as_factory(value)
         except (ImportError, AttributeError, TypeError):
             return None
     cls = value.func if isinstance(value, functools.partial) else value
-    if isinstance(cls, type) and issubclass(cls, PixelDecoder):
+    if isinstance(cls, type) and issubclass(cls, nn.Module) and hasattr(cls, "model_given"):
         return factory_config(value)
     return None

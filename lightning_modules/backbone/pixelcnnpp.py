@@ -123,23 +123,31 @@ class Dropout(nn.Dropout):
 
 class GatedResnet(nn.Module):
     """x + a * sigmoid(b), [a, b] = conv(dropout(concat_elu(conv(concat_elu(x)) + nin(aux))))
-    + the conditioning. ``aux_channels``: the auxiliary input's channels (0: none)."""
+    + the conditioning. ``aux_channels``: the auxiliary input's channels (0: none).
+    ``right``: down-right-shifted convolutions, else down-shifted ones; ``right`` None:
+    ordinary centred ones (odd ``kernel``), for networks that need no causality."""
 
     def __init__(
         self,
         channels: int,
         kernel: Size,
-        right: bool,
+        right: bool | None,
         aux_channels: int,
         dropout: float,
         cond_vec_dim: int,
         cond_map_channels: int,
     ) -> None:
         super().__init__()
-        self.conv1 = ShiftedConv2d(2 * channels, channels, kernel, right=right)
+
+        def conv(cin: int, cout: int) -> nn.Conv2d:
+            if right is None:
+                return nn.Conv2d(cin, cout, kernel, padding=(kernel[0] // 2, kernel[1] // 2))
+            return ShiftedConv2d(cin, cout, kernel, right=right)
+
+        self.conv1 = conv(2 * channels, channels)
         self.aux = nn.Conv2d(2 * aux_channels, channels, 1) if aux_channels else None
         self.dropout = Dropout(dropout)
-        self.conv2 = ShiftedConv2d(2 * channels, 2 * channels, kernel, right=right)
+        self.conv2 = conv(2 * channels, 2 * channels)
         # only built when used: a parameter without a gradient is an error under DDP. With a
         # bias: data_dependent_init_ passes on (out - mean) / std but can only subtract the mean
         # from a bias, so a bias-free layer would leave later layers initialized off-statistics
@@ -178,9 +186,10 @@ def _init_transposed(m: ShiftedConvTranspose2d, inputs: object, out: torch.Tenso
 class PixelCNNppNet(PixelDecoder):
     """PixelCNN++ over ``in_channels`` inputs (scaled to [-1, 1]), ``out_channels`` outputs per
     pixel, ``channels`` wide (the paper's ``nr_filters``: 160). Up pass: ``nr_resnet`` blocks
-    at each of 3 resolutions (stride-2 convolutions between); down pass: ``nr_resnet``,
-    ``nr_resnet + 1``, ``nr_resnet + 1`` blocks, each consuming one skip, as in the paper's
-    code. Every layer is weight-normalized; call
+    at each of ``resolutions`` resolutions (3 in the paper; stride-2 convolutions between;
+    1: none, the light networks of Kolesnikov & Lampert's Pyramid PixelCNN); down pass:
+    ``nr_resnet``, then ``nr_resnet + 1`` blocks per finer resolution, each consuming one
+    skip, as in the paper's code. Every layer is weight-normalized; call
     :meth:`init_from_data` once before training.
 
     Receptive field (checked by gradients in the tests): on an odd row 2i + 1 the coarser
@@ -205,8 +214,14 @@ class PixelCNNppNet(PixelDecoder):
         nr_resnet: int = 5,
         channels: int = 160,
         dropout: float = 0.5,
+        resolutions: int = 3,
     ) -> None:
         super().__init__(in_channels, out_channels, n_colors, cond_vec_dim, cond_map_channels)
+        if resolutions < 1:
+            raise ValueError(
+                f"resolutions must be >= 1 (1: no down/up-sampling), got {resolutions}"
+            )
+        self.resolutions = r = resolutions
         if n_colors != 1:
             raise ValueError(
                 "PixelCNN++ gives one parameter set per pixel and sees no channel of it, so it"
@@ -224,18 +239,18 @@ class PixelCNNppNet(PixelDecoder):
         self.u_init = ShiftedConv2d(cin, nf, (2, 3))
         self.ul_init_above = ShiftedConv2d(cin, nf, (1, 3))
         self.ul_init_left = ShiftedConv2d(cin, nf, (2, 1), right=True)
-        self.up_u = nn.ModuleList([stage(nr_resnet, False, 0) for _ in range(3)])
-        self.up_ul = nn.ModuleList([stage(nr_resnet, True, nf) for _ in range(3)])
-        self.down_u_conv = nn.ModuleList([ShiftedConv2d(nf, nf, (2, 3), 2) for _ in range(2)])
+        self.up_u = nn.ModuleList([stage(nr_resnet, False, 0) for _ in range(r)])
+        self.up_ul = nn.ModuleList([stage(nr_resnet, True, nf) for _ in range(r)])
+        self.down_u_conv = nn.ModuleList([ShiftedConv2d(nf, nf, (2, 3), 2) for _ in range(r - 1)])
         self.down_ul_conv = nn.ModuleList(
-            [ShiftedConv2d(nf, nf, (2, 2), 2, right=True) for _ in range(2)]
+            [ShiftedConv2d(nf, nf, (2, 2), 2, right=True) for _ in range(r - 1)]
         )
         # down pass, coarsest first: u gets a skip from u, ul gets [u, skip from ul]
-        counts = (nr_resnet, nr_resnet + 1, nr_resnet + 1)
+        counts = (nr_resnet,) + (nr_resnet + 1,) * (r - 1)
         self.down_u = nn.ModuleList([stage(n, False, nf) for n in counts])
         self.down_ul = nn.ModuleList([stage(n, True, 2 * nf) for n in counts])
-        self.up_u_conv = nn.ModuleList([ShiftedConvTranspose2d(nf, False) for _ in range(2)])
-        self.up_ul_conv = nn.ModuleList([ShiftedConvTranspose2d(nf, True) for _ in range(2)])
+        self.up_u_conv = nn.ModuleList([ShiftedConvTranspose2d(nf, False) for _ in range(r - 1)])
+        self.up_ul_conv = nn.ModuleList([ShiftedConvTranspose2d(nf, True) for _ in range(r - 1)])
         self.out = nn.Conv2d(nf, out_channels, 1)
 
         weight_norm_(self)  # Conv2d (the shifted ones included) and Linear: gain per dim 0
@@ -252,7 +267,8 @@ class PixelCNNppNet(PixelDecoder):
     ) -> torch.Tensor:
         self.check_conditioning(cond_vec, cond_map)
         sizes = [tuple(x.shape[-2:])]
-        sizes += [half(sizes[0]), half(half(sizes[0]))]
+        while len(sizes) < self.resolutions:
+            sizes.append(half(sizes[-1]))
         maps = [None if cond_map is None else resize_map(cond_map, s) for s in sizes]
         # channels-last (NHWC) all the way: on CPU the convolutions run ~10% faster in it
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
@@ -261,7 +277,7 @@ class PixelCNNppNet(PixelDecoder):
         # u(i, j) sees rows < i; ul(i, j) sees rows < i and row i left of j
         us = [shift_down(self.u_init(x))]
         uls = [shift_down(self.ul_init_above(x)) + shift_right(self.ul_init_left(x))]
-        for s in range(3):
+        for s in range(self.resolutions):
             if s:
                 us.append(self.down_u_conv[s - 1](us[-1]))
                 uls.append(self.down_ul_conv[s - 1](uls[-1]))
@@ -270,7 +286,7 @@ class PixelCNNppNet(PixelDecoder):
                 uls.append(block_ul(uls[-1], us[-1], cond_vec, maps[s]))
 
         u, ul = us.pop(), uls.pop()
-        for k, s in enumerate((2, 1, 0)):
+        for k, s in enumerate(reversed(range(self.resolutions))):
             if k:
                 u = self.up_u_conv[k - 1](u, sizes[s])
                 ul = self.up_ul_conv[k - 1](ul, sizes[s])
