@@ -3,6 +3,7 @@
 from .base import ImageDataModule
 from .binarized_mnist import BinarizedMNIST
 from .caltech_silhouettes import CaltechSilhouettes
+from .celeba import CelebA
 from .cifar10 import CIFAR10
 from .imagenet64 import ImageNet64
 from .lsun import LSUNBedrooms
@@ -13,6 +14,7 @@ __all__ = [
     "OMNIGLOT",
     "BinarizedMNIST",
     "CaltechSilhouettes",
+    "CelebA",
     "ImageDataModule",
     "ImageNet64",
     "LSUNBedrooms",

@@ -13,7 +13,7 @@ import os
 import re
 import tempfile
 import zipfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -32,19 +32,24 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 RESAMPLING = Image.Resampling.BOX
-"""Resize filter: each output pixel is the mean of the input pixels it covers (anti-aliased,
-exact block means for integer factors such as LSUN's 256 -> 64); Chrabaszcz et al. downsampled
-ImageNet with a box filter too."""
+"""Resize filter: each output pixel is the mean of the input pixels it covers (anti-aliased;
+for integer factors such as LSUN's 256 -> 64 the block means, to within one level: Pillow
+rounds between its horizontal and vertical passes); Chrabaszcz et al. downsampled ImageNet
+with a box filter too."""
 
 CHUNK = 4096  # images per conversion step: bounds the memory of a cache build
 FIX_CACHE = "delete it: it is rebuilt from the source files in root"
 
 
-def check_images(array: np.ndarray, size: int, where: object, fix: str = "replace it") -> None:
-    """Raise unless `array` is uint8 (N, size, size, 3)."""
-    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[1:] != (size, size, 3):
+def check_images(
+    array: np.ndarray, size: int | tuple[int, int], where: object, fix: str = "replace it"
+) -> None:
+    """Raise unless `array` is uint8 (N, size, size, 3), or (N, height, width, 3) when `size`
+    is (height, width)."""
+    height, width = (size, size) if isinstance(size, int) else size
+    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[1:] != (height, width, 3):
         raise bad_file(
-            where, f"{array.dtype} {array.shape}, expected uint8 (N, {size}, {size}, 3)", fix
+            where, f"{array.dtype} {array.shape}, expected uint8 (N, {height}, {width}, 3)", fix
         )
 
 
@@ -228,10 +233,17 @@ def to_array(image: Image.Image | np.ndarray, size: int, resize: bool, where: ob
     return array
 
 
-def read_image(path: Path, size: int, resize: bool) -> np.ndarray:
-    """Decode one image file (PNG, JPEG, WebP) with `to_array`."""
+Convert = Callable[[Image.Image | np.ndarray, object], np.ndarray]
+"""`convert(image, where)`: one decoded image -> uint8 (size, size, 3), naming `where` in its
+errors; replaces `to_array` for datasets with their own crop (CelebA)."""
+
+
+def read_image(path: Path, size: int, resize: bool, convert: Convert | None = None) -> np.ndarray:
+    """Decode one image file (PNG, JPEG, WebP) with `to_array`, or with `convert` if given."""
     try:
         with Image.open(path) as image:
+            if convert is not None:
+                return convert(image, path)
             return to_array(image, size, resize, path)
     except (UnidentifiedImageError, OSError) as e:
         raise bad_file(path, f"not a readable image ({e})") from e
@@ -248,14 +260,20 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(files, key=lambda p: natural_key(p.relative_to(folder)))
 
 
-def read_images(files: Sequence[Path], size: int, resize: bool) -> Iterator[np.ndarray]:
+def read_images(
+    files: Sequence[Any],
+    size: int,
+    resize: bool,
+    read: Callable[..., np.ndarray] = read_image,
+) -> Iterator[np.ndarray]:
     """The images of `files` in order, decoded by a thread pool (Pillow decodes and resizes
-    without holding the GIL), as chunks of at most `CHUNK` images."""
+    without holding the GIL), as chunks of at most `CHUNK` images. `read(file, size=size,
+    resize=resize)` decodes one (default `read_image`; e.g. the member of a zip archive)."""
     workers = min(16, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:
         for start in range(0, len(files), CHUNK):
             part = files[start : start + CHUNK]
-            yield np.stack(list(pool.map(partial(read_image, size=size, resize=resize), part)))
+            yield np.stack(list(pool.map(partial(read, size=size, resize=resize), part)))
 
 
 # ------------------------------------------------------------------ Hugging Face datasets
@@ -293,15 +311,33 @@ def hf_image_column(split: Any, where: object) -> str:
     return found[0]
 
 
-def read_hf(split: Any, size: int, resize: bool, where: object) -> Iterator[np.ndarray]:
-    """The images of one split of a Hugging Face dataset, in order, as chunks (`to_array`)."""
+def read_hf(
+    split: Any,
+    size: int,
+    resize: bool,
+    where: object,
+    convert: Convert | None = None,
+    rows: Sequence[int] | None = None,
+) -> Iterator[np.ndarray]:
+    """The images of one split of a Hugging Face dataset, in order, as chunks (`to_array`, or
+    `convert` if given); only those of `rows`, in that order, if given (errors name the row).
+    """
+
+    def decode(image: Image.Image | np.ndarray, at: str) -> np.ndarray:
+        if convert is not None:
+            return convert(image, at)
+        return to_array(image, size, resize, at)
+
     column = hf_image_column(split, where)
+    split = split.select_columns([column])
+    if rows is not None:
+        split = split.select(rows)
     start = 0
-    for batch in split.select_columns([column]).iter(batch_size=CHUNK):
+    for batch in split.iter(batch_size=CHUNK):
         images = batch[column]
-        yield np.stack(
-            [to_array(im, size, resize, f"{where}[{start + i}]") for i, im in enumerate(images)]
-        )
+        end = start + len(images)
+        labels = range(start, end) if rows is None else rows[start:end]
+        yield np.stack([decode(im, f"{where}[{r}]") for r, im in zip(labels, images, strict=True)])
         start += len(images)
 
 
