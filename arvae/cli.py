@@ -26,9 +26,11 @@ from arvae import report, resume, sweep
 from arvae.checkpoint_io import AtomicCheckpointIO, check_readable
 from callbacks import (
     CollapseAlarm,
+    Colourizations,
     KLBreakdown,
     LatentMap,
     LossyCode,
+    MultiScaleSamples,
     NoiseVariation,
     RunCheckpoint,
     RunRecord,
@@ -94,6 +96,8 @@ class ArvaeCLI(LightningCLI):
         parser.add_lightning_class_args(LatentMap, "latent_map")
         parser.add_lightning_class_args(NoiseVariation, "noise_variation")
         parser.add_lightning_class_args(LossyCode, "lossy_code")
+        parser.add_lightning_class_args(Colourizations, "colourizations")
+        parser.add_lightning_class_args(MultiScaleSamples, "multiscale")
         parser.add_lightning_class_args(TestReport, "test_report")
         parser.add_lightning_class_args(RunRecord, "run_record")
 

@@ -1,5 +1,6 @@
 """Lightning callbacks shared by every model (they use only the model contract)."""
 
+from .auxiliary_views import Colourizations, MultiScaleSamples
 from .collapse_alarm import CollapseAlarm
 from .kl_breakdown import KLBreakdown
 from .latent_map import LatentMap
@@ -13,9 +14,11 @@ from .test_report import TestReport
 
 __all__ = [
     "CollapseAlarm",
+    "Colourizations",
     "KLBreakdown",
     "LatentMap",
     "LossyCode",
+    "MultiScaleSamples",
     "NoiseVariation",
     "PolyakAveraging",
     "RunCheckpoint",

@@ -30,7 +30,7 @@ class NoiseVariation(ImageCallback):
 
     Args:
         every_n_epochs: how often (validation epochs); 0 = only after testing.
-        n_rows: fixed noise settings (rows) per grid.
+        n_rows: fixed noise settings (rows) per grid (0 = no grids).
         n_variations: samples per row with the varied level's noise redrawn.
         n_reconstructions: images reconstructed per level grid (0 = none).
         seed: seed of the noise, so that grids of successive epochs are comparable.
@@ -70,7 +70,7 @@ class NoiseVariation(ImageCallback):
             return []
         n = self.n_rows * self.n_variations
         paths = []
-        for level in levels:
+        for level in levels if n else []:
             samples = pl_module.sample(n, self.varied_noise(pl_module, level))
             path = out / f"noise_{level}_{tag}.png"
             paths.append(save_grid(pl_module.to_unit_range(samples), path, self.n_variations))

@@ -22,7 +22,7 @@ class SampleGrid(ImageCallback):
 
     Args:
         every_n_epochs: how often (validation epochs); 0 = only after testing.
-        n_samples: samples per grid.
+        n_samples: samples per grid (0 = none).
         n_reconstructions: originals reconstructed per grid (0 = none).
         ncols: images per grid row.
     """
@@ -43,8 +43,10 @@ class SampleGrid(ImageCallback):
         out = run_dir(trainer) / "samples"
         if not trainer.is_global_zero:
             return []
-        samples = pl_module.to_unit_range(pl_module.sample(self.n_samples))
-        paths = [save_grid(samples, out / f"samples_{tag}.png", self.ncols)]
+        paths = []
+        if self.n_samples:
+            samples = pl_module.to_unit_range(pl_module.sample(self.n_samples))
+            paths.append(save_grid(samples, out / f"samples_{tag}.png", self.ncols))
         if (
             self.n_reconstructions
             and hasattr(pl_module, "reconstruct")

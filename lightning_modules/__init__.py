@@ -1,5 +1,6 @@
 """arvae models: one LightningModule per paper on a shared backbone."""
 
+from .auxiliary_pixelcnn import AuxiliaryPixelCNN
 from .base import ImageModel
 from .hierarchical_pixelvae import HierarchicalPixelVAE
 from .pixelcnn import PixelCNN
@@ -7,4 +8,12 @@ from .pixelcnnpp import PixelCNNpp
 from .pixelvae import PixelVAE
 from .vlae import VLAE
 
-__all__ = ["HierarchicalPixelVAE", "ImageModel", "PixelCNN", "PixelCNNpp", "PixelVAE", "VLAE"]
+__all__ = [
+    "AuxiliaryPixelCNN",
+    "HierarchicalPixelVAE",
+    "ImageModel",
+    "PixelCNN",
+    "PixelCNNpp",
+    "PixelVAE",
+    "VLAE",
+]

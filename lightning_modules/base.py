@@ -165,6 +165,11 @@ class ImageModel(L.LightningModule):
         auxiliary reconstruction, a diagnostic) extends this; an undeclared term is an error."""
         return {"recon": "bound", **{f"kl/{level}": "kl" for level in self.latent_shapes}}
 
+    def evaluation_metrics(self, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-example metrics a model derives from its terms (validation and test), each
+        logged as ``{stage}/<name>``, its mean over the examples: none by default."""
+        return {}
+
     def encode(self, x: torch.Tensor):
         """Latent models: the parameters of q(z|x), whatever :meth:`log_weights` needs; run
         once per image by the importance-weighted bound."""
@@ -283,15 +288,19 @@ class ImageModel(L.LightningModule):
         cond_vec_dim: int = 0,
         cond_map_channels: int = 0,
         runs_data_init: bool = False,
+        likelihood: Likelihood | None = None,
+        channels: int | None = None,
     ) -> PixelDecoder:
         """The model's pixel network from its ``pixelcnn`` option, sized for this data and
-        likelihood: one parameter group per colour when the likelihood draws a pixel's
+        likelihood (or for images of ``channels`` under ``likelihood``: another level of the
+        model): one parameter group per colour when the likelihood draws a pixel's
         channels one after another (each group then sees the earlier colours of the pixel),
         else one for the whole pixel (the network sees none of it). A network with a
         data-dependent init needs a model whose :meth:`data_dependent_init` runs it
         (``runs_data_init``); it gets the ``initialized`` flag the base runs that by."""
-        c = self.image_shape[0]
-        n_colors = c if self.likelihood.sequential_channels else 1
+        likelihood = likelihood or self.likelihood
+        c = channels or self.image_shape[0]
+        n_colors = c if likelihood.sequential_channels else 1
         wrong = TypeError(
             f"pixelcnn must build a lightning_modules.backbone.PixelDecoder, got {factory!r};"
             " give a class_path such as lightning_modules.backbone.GatedPixelCNN"
@@ -299,7 +308,7 @@ class ImageModel(L.LightningModule):
         try:
             net = as_factory(factory)(
                 in_channels or c,
-                self.likelihood.num_params(c),
+                likelihood.num_params(c),
                 n_colors,
                 cond_vec_dim,
                 cond_map_channels,
@@ -574,6 +583,8 @@ class ImageModel(L.LightningModule):
                     self._update(stage, name.replace("kl/", "kl_bits/", 1), value / math.log(2))
             if self.data_kind == "8bit":
                 self._update(stage, "bpd", bits_per_dim(nelbo, self.dims))
+            for name, value in self.evaluation_metrics(terms).items():
+                self._update(stage, name, value)
             if self.latent_shapes:
                 for level, mean in self.posterior_mean(x).items():
                     units = functools.partial(ActiveUnits, self.latent_dims[level])

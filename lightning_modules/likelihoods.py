@@ -19,11 +19,16 @@ per colour reads channel ``p * C + c`` as parameter p of colour c.
 """
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+
+Bounds = Callable[[int, list[torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+"""``bounds(c, drawn) -> (low, high)``: the levels colour c of a pixel may take given the
+levels ``drawn`` of its earlier colours (see DiscretizedLogisticMixture.sample)."""
 
 
 def uniform_noise(shape: tuple[int, ...], generator: torch.Generator | None = None):
@@ -394,9 +399,17 @@ class DiscretizedLogisticMixture(Likelihood):
         log_mix = F.log_softmax(logits, dim=1) + log_bin.sum(1)  # (B, n, H, W)
         return torch.logsumexp(log_mix, dim=1).flatten(1).sum(1)
 
-    def sample(self, params: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+    def sample(
+        self, params: torch.Tensor, noise: torch.Tensor | None = None, bounds: Bounds | None = None
+    ) -> torch.Tensor:
         """A draw (B, C, H, W) of float32 levels 0..K-1 by ``self.sampling``; ``noise`` from
-        :meth:`noise` (fresh when None), the sample a deterministic function of it."""
+        :meth:`noise` (fresh when None), the sample a deterministic function of it.
+
+        ``bounds(c, drawn)``, given the levels ``drawn`` of the colours before c, returns the
+        lowest and highest level colour c may take (integer tensors broadcasting to
+        (B, H, W)): each colour is then drawn from its component's logistic truncated to
+        that range (inverse CDF on it; MAP: the mode clamped into it). A deterministic
+        view of the image is kept this way (Kolesnikov & Lampert's colourizations)."""
         logits, means, log_scales, coeffs = self.split(params)
         batch, channels, _, height, width = means.shape
         if noise is None:
@@ -405,19 +418,20 @@ class DiscretizedLogisticMixture(Likelihood):
         cdf = F.softmax(logits, dim=1).cumsum(1)
         component = (cdf < noise[:, None, 0]).sum(1).clamp(max=self.n_mix - 1)
         if self.sampling == "map":
-            return self._draw(component, means, log_scales, coeffs, None)
+            return self._draw(component, means, log_scales, coeffs, None, bounds)
         if self.sampling == "variance_reduced":
             log_scales = log_scales - self.log_scale_shift
-        return self._draw(component, means, log_scales, coeffs, noise[:, 1:])
+        return self._draw(component, means, log_scales, coeffs, noise[:, 1:], bounds)
 
     def mode(self, params: torch.Tensor) -> torch.Tensor:
         """The MAP draw of the most probable component (argmax of the logits)."""
         logits, means, log_scales, coeffs = self.split(params)
         return self._draw(logits.argmax(1), means, log_scales, coeffs, None)
 
-    def _draw(self, component, means, log_scales, coeffs, noise):
+    def _draw(self, component, means, log_scales, coeffs, noise, bounds=None):
         """Colours R, G, B of the chosen components in turn: the coupled mean, plus a logistic
-        draw unless ``noise`` is None (MAP), clamped to [-1, 1] and rounded to a level."""
+        draw unless ``noise`` is None (MAP), clamped to [-1, 1] (to the ``bounds``) and
+        rounded to a level."""
         index = component[:, None, None].expand(-1, means.shape[1], 1, -1, -1)
         mean, log_scale, coeff = (
             None if t is None else t.gather(2, index)[:, :, 0] for t in (means, log_scales, coeffs)
@@ -430,12 +444,43 @@ class DiscretizedLogisticMixture(Likelihood):
                 m = m + coeff[:, 0] * ys[0]
             elif c == 2:
                 m = m + coeff[:, 1] * ys[0] + coeff[:, 2] * ys[1]
-            if noise is not None:
-                m = m + torch.exp(log_scale[:, c]) * torch.logit(noise[:, c], eps=1e-7)
-            level = ((m.clamp(-1.0, 1.0) + 1.0) * (scale / 2)).round()
+            if bounds is None:
+                if noise is not None:
+                    m = m + torch.exp(log_scale[:, c]) * torch.logit(noise[:, c], eps=1e-7)
+                level = ((m.clamp(-1.0, 1.0) + 1.0) * (scale / 2)).round()
+            else:
+                low, high = (b.to(m.device).float() for b in bounds(c, levels))
+                if noise is not None:
+                    m = self._truncated_draw(m, log_scale[:, c], noise[:, c], low, high)
+                level = torch.minimum(torch.maximum(self._level(m), low), high)
             levels.append(level)
             ys.append(self.network_input(level))
         return torch.stack(levels, 1)
+
+    def _level(self, y: torch.Tensor) -> torch.Tensor:
+        """The nearest level of a value y on [-1, 1]."""
+        return ((y.clamp(-1.0, 1.0) + 1.0) * ((self.n_levels - 1) / 2)).round()
+
+    def _truncated_draw(self, mean, log_scale, u, low, high) -> torch.Tensor:
+        """A logistic draw restricted to the bins of the levels low..high (the edge bins reach
+        to -inf / +inf): u mapped into [F(lower edge), F(upper edge)] before the inverse CDF,
+        so that rounding gives the truncated discretized distribution exactly (up to float32
+        in far tails, where the clamp to [low, high] keeps the bounds). Scales above e^5
+        (~150 times the whole range [-1, 1]: flat over it within 1%) are taken as e^5, so
+        that the CDF keeps float32 resolution and s * logit(u) stays finite."""
+        h = 1.0 / (self.n_levels - 1)
+        log_scale = log_scale.clamp(max=5.0)
+        inv_s = torch.exp(-log_scale)
+        f_low = torch.where(
+            low > 0, torch.sigmoid((self.network_input(low) - h - mean) * inv_s), 0.0
+        )
+        f_high = torch.where(
+            high < self.n_levels - 1,
+            torch.sigmoid((self.network_input(high) + h - mean) * inv_s),
+            1.0,
+        )
+        u = f_low + u * (f_high - f_low)
+        return mean + torch.exp(log_scale) * torch.logit(u, eps=1e-7)
 
 
 LIKELIHOODS = {"binary": Bernoulli(), "8bit": Categorical(256)}

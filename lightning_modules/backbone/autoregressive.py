@@ -33,6 +33,7 @@ def sample_autoregressive(
     noise: torch.Tensor | None = None,
     sequential_channels: bool = True,
     context_rows: int | None = None,
+    at_position: bool = False,
 ) -> torch.Tensor:
     """Fill an all-zero (B, C, H, W) canvas one position at a time, in raster order.
 
@@ -45,7 +46,9 @@ def sample_autoregressive(
     position's slice of ``noise`` (shaped like the canvas; None = fresh noise). With
     ``sequential_channels`` the channels of a position are drawn one after another
     (R -> G -> B); without, all at once (latent maps whose channels are independent given
-    the earlier positions).
+    the earlier positions). ``at_position``: ``sample_fn`` is called as
+    ``sample_fn(params, noise, canvas, i, j)``, for draws constrained by what is already drawn
+    (a deterministic view of the image to keep).
     """
     x = torch.zeros(shape, device=device)
     _, channels, height, width = shape
@@ -66,6 +69,11 @@ def sample_autoregressive(
             position = noise[:, :, i : i + 1, j : j + 1] if noise is not None else None
             for group in groups:
                 params = params_fn(x[:, :, rows], rows)[:, :, -1:, j : j + 1]
-                x[:, group, i, j] = sample_fn(params, position)[:, group, 0, 0].to(x.dtype)
+                draw = (
+                    sample_fn(params, position, x, i, j)
+                    if at_position
+                    else sample_fn(params, position)
+                )
+                x[:, group, i, j] = draw[:, group, 0, 0].to(x.dtype)
         check()
     return x
