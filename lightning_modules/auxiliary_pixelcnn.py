@@ -100,6 +100,12 @@ class AuxiliaryPixelCNN(ImageModel):
         ]
         if len(set(self.level_names)) != len(self.level_names):
             raise ValueError(f"two levels share a name: {self.level_names}")
+        changed = [v for v in self.views[:-1] if v.out_levels != 256]
+        if changed:
+            raise ValueError(
+                f"views {changed}: only the last view may change the levels of the image (the"
+                " levels between are modelled with the image's likelihood)"
+            )
         top = self.views[-1].out_levels
         if base_likelihood is None:
             base_likelihood = Categorical(top) if top < 256 else self.likelihood
@@ -132,12 +138,9 @@ class AuxiliaryPixelCNN(ImageModel):
             raise ValueError(f"train_factors {unknown}: the levels are {self.level_names}")
         self.train_factors = list(self.level_names if train_factors is None else train_factors)
         for name in set(self.level_names) - set(self.train_factors):
-            for module in (
-                self.nets[name],
-                self.embeddings[name] if name in self.embeddings else None,
-            ):
-                if module is not None:
-                    module.requires_grad_(False)
+            self.nets[name].requires_grad_(False)
+            if name in self.embeddings:
+                self.embeddings[name].requires_grad_(False)
         self.factor_checkpoints = dict(factor_checkpoints or {})
         if self.factor_checkpoints:
             self.load_state_dict(self._with_factors(self.state_dict()))
@@ -238,12 +241,18 @@ class AuxiliaryPixelCNN(ImageModel):
             shape = (*shape[:2], rows, shape[3])
         cond = None if coarser is None else self.embed(name, coarser.to(self.device), level)
         height = self.level_shapes[level][1]
+        block = 2 ** (getattr(self.nets[name], "resolutions", 1) - 1)
 
         def params(x_rows: torch.Tensor, rows: slice) -> torch.Tensor:
-            # the whole canvas (zeros below: causal) against the whole map, whose coarser
-            # streams average rows below too: exactly the training computation
-            canvas = torch.nn.functional.pad(x_rows, (0, 0, 0, height - x_rows.shape[2]))
-            return self.factor_params(level, canvas, cond)[:, :, rows]
+            # the canvas and the map down to the next multiple of the coarsest stream's
+            # stride (zeros below: causal): every coarser cell above averages the rows it
+            # does in training, so these rows' outputs are exactly the training computation
+            crop = height
+            if cond is None or cond.shape[2] == height:
+                crop = min(height, -(-x_rows.shape[2] // block) * block)
+            canvas = torch.nn.functional.pad(x_rows, (0, 0, 0, crop - x_rows.shape[2]))
+            cropped = None if cond is None else cond[:, :, :crop]
+            return self.factor_params(level, canvas, cropped)[:, :, rows]
 
         lik = self.likelihoods[level]
         if coarser is None:

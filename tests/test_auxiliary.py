@@ -12,6 +12,7 @@ import yaml
 from test_cli import DDP_TIMEOUT, QUIET, REPO, arvae, ok, read_report
 from test_ddp import DDP, assert_same_test
 
+from callbacks.auxiliary_views import sampling_mode
 from lightning_modules import AuxiliaryPixelCNN
 from lightning_modules.backbone import EmbeddingNet, PixelCNNppNet
 from lightning_modules.likelihoods import Categorical, DiscretizedLogisticMixture
@@ -380,3 +381,93 @@ def test_the_paper_config_parses_into_the_grayscale_pixelcnn_of_section_4_1(tmp_
     conditional = model.nets["x"]
     blocks = sum(len(stage) for stage in [*conditional.up_u, *conditional.down_u])
     assert blocks == 6 * 4 + 2  # 6 stages of nr_resnet 4, plus the down pass's 2 extra
+
+
+@pytest.mark.parametrize(
+    "name, data, levels",
+    [
+        ("pyramid_celeba", "CelebA", ["x", "64x64", "32x32", "16x16", "8x8"]),
+        ("pyramid_cifar10", "CIFAR10", ["x", "16x16", "8x8"]),
+    ],
+)
+def test_the_pyramid_configs_hold_section_4_2(name, data, levels, tmp_path):
+    """§4.2: light levels (3 blocks, no down/up-sampling, 100 filters), the 15-block embedding
+    (down after 3, up after 9 and 12), Adam 1e-3 with decay 0.999995, batch 16, 60 epochs."""
+    config_file = REPO / "experiments" / "auxiliary" / f"{name}.yaml"
+    config = yaml.safe_load(ok(arvae("fit", "-c", str(config_file), "--print_config",
+                                     cwd=tmp_path)).stdout)  # fmt: skip
+    assert config["data"]["class_path"] == f"datamodules.{data}"
+    assert config["data"]["init_args"]["batch_size"] == 16 and config["trainer"]["max_epochs"] == 60
+    init = config["model"]["init_args"]
+    assert (init["optimizer"], init["lr"], init["lr_decay"]) == ("adam", 0.001, 0.999995)
+    for net in ("base", "conditional"):
+        args = init[net]["init_args"]
+        assert (args["nr_resnet"], args["channels"], args["resolutions"]) == (3, 100, 1)
+    embed = init["embedding"]["init_args"]
+    assert (embed["n_blocks"], embed["down_after"], embed["up_after"]) == (15, [3], [9, 12])
+    size = {"CelebA": 128, "CIFAR10": 32}[data]
+    init = {k: v for k, v in init.items() if k not in ("image_shape", "data_kind")}
+    model = AuxiliaryPixelCNN(image_shape=(3, size, size), **init)
+    assert model.level_names == levels
+
+
+def test_cli_tests_two_separately_trained_factors_as_one_model(tmp_path):
+    """The paper's protocol: each factor trained in a run of its own (`train_factors`), then
+    `arvae test` of one run's checkpoint with the other factor from the other run's
+    (`factor_checkpoints`): each factor's test NLL is that of the run that trained it."""
+    runs = {}
+    for factor in ("gray4", "x"):
+        ok(arvae("fit", *AUX, *QUIET, "--model.init_args.train_factors", f"[{factor}]",
+                 "--trainer.max_steps", "2", "--test_after_fit", "true",
+                 "--samples.n_samples", "0", "--noise_variation.n_rows", "0",
+                 "--multiscale.n_samples", "0", "--colourizations.n_colourings", "0",
+                 "--seed_everything", {"gray4": "1", "x": "2"}[factor],
+                 "--trainer.logger.init_args.name", factor, cwd=tmp_path))  # fmt: skip
+        runs[factor] = tmp_path / "runs" / factor / "version_0"
+    ckpt = {f: tmp_path / read_report(run)["ckpt_path"] for f, run in runs.items()}
+    ok(arvae("test", "--model", "lightning_modules.AuxiliaryPixelCNN", *QUIET, *DATA,
+             "--ckpt_path", str(ckpt["x"]),
+             "--model.init_args.factor_checkpoints", f"{{gray4: {ckpt['gray4']}}}",
+             "--samples.n_samples", "0", "--noise_variation.n_rows", "0",
+             "--multiscale.n_samples", "0", "--colourizations.n_colourings", "0",
+             "--trainer.logger.init_args.name", "both", cwd=tmp_path))  # fmt: skip
+    both = read_report(tmp_path / "runs" / "both" / "version_0")["metrics"]
+    for factor, run in runs.items():
+        alone = read_report(run)["metrics"]
+        assert both[f"test/nll/{factor}"] == pytest.approx(alone[f"test/nll/{factor}"], rel=1e-6)
+    assert both["test/nelbo"] == pytest.approx(
+        both["test/nll/x"] + both["test/nll/gray4"], rel=1e-6
+    )
+
+
+def test_figures_can_sample_by_another_mode_and_leave_the_model_as_it_was():
+    """Figs. 4 and 5 from a trained model: the figure callbacks' ``sampling`` switches every
+    mixture of the model for the figure only; a categorical level samples as it is."""
+    model = grayscale_model((3, 4, 4))
+    mixture = model.likelihoods[0]
+    with sampling_mode(model, "variance_reduced", 0.3):
+        assert (mixture.sampling, mixture.log_scale_shift) == ("variance_reduced", 0.3)
+    assert (mixture.sampling, mixture.log_scale_shift) == ("ordinary", 0.5)
+    with pytest.raises(RuntimeError), sampling_mode(model, "map", None):
+        assert mixture.sampling == "map"
+        raise RuntimeError
+    assert mixture.sampling == "ordinary"
+
+
+@pytest.mark.parametrize("resolutions, crop", [(3, 4), (3, 8), (1, 3)])
+def test_the_sampler_s_crop_of_canvas_and_map_gives_the_full_images_outputs(resolutions, crop):
+    """Sampling row i runs a level on rows 0..c of the canvas and of f_w's map, c the next
+    multiple of the coarsest stream's stride: those rows' parameters are the full image's."""
+    torch.manual_seed(0)
+    net = functools.partial(NET, resolutions=resolutions)
+    model = AuxiliaryPixelCNN(views=[Grayscale()], image_shape=(3, 9, 5), base=net,
+                              conditional=net, embedding=EMBED,
+                              likelihood=DiscretizedLogisticMixture(n_mix=2))  # fmt: skip
+    x = images(model.image_shape, n=2)
+    ready(model, x)
+    levels = model.views_of(x.double())
+    cond = model.embed("x", levels[1], 0)
+    with torch.no_grad():
+        full = model.factor_params(0, levels[0], cond)
+        part = model.factor_params(0, levels[0][:, :, :crop], cond[:, :, :crop])
+    torch.testing.assert_close(part, full[:, :, :crop], rtol=0, atol=1e-10)
