@@ -225,6 +225,18 @@ class AuxiliaryPixelCNN(ImageModel):
             for level, name in reversed(list(enumerate(self.level_names)))
         }
 
+    def sampler_crop(self, level: int, rows: int, cond: torch.Tensor | None) -> int:
+        """How many rows of the canvas (and of the map ``cond``) a level's network runs on to
+        give the parameters of its first ``rows`` rows: ``rows`` rounded up to a multiple of
+        its coarsest stream's stride (zeros below: causal), so that every coarser cell above
+        averages the rows it does in training and the outputs are exactly the full image's;
+        the whole height for a map of another resolution."""
+        height = self.level_shapes[level][1]
+        if cond is not None and cond.shape[2] != height:
+            return height
+        block = 2 ** (getattr(self.nets[self.level_names[level]], "resolutions", 1) - 1)
+        return min(height, -(-rows // block) * block)
+
     def sample_level(
         self,
         level: int,
@@ -240,16 +252,9 @@ class AuxiliaryPixelCNN(ImageModel):
         if rows is not None:
             shape = (*shape[:2], rows, shape[3])
         cond = None if coarser is None else self.embed(name, coarser.to(self.device), level)
-        height = self.level_shapes[level][1]
-        block = 2 ** (getattr(self.nets[name], "resolutions", 1) - 1)
 
         def params(x_rows: torch.Tensor, rows: slice) -> torch.Tensor:
-            # the canvas and the map down to the next multiple of the coarsest stream's
-            # stride (zeros below: causal): every coarser cell above averages the rows it
-            # does in training, so these rows' outputs are exactly the training computation
-            crop = height
-            if cond is None or cond.shape[2] == height:
-                crop = min(height, -(-x_rows.shape[2] // block) * block)
+            crop = self.sampler_crop(level, x_rows.shape[2], cond)
             canvas = torch.nn.functional.pad(x_rows, (0, 0, 0, crop - x_rows.shape[2]))
             cropped = None if cond is None else cond[:, :, :crop]
             return self.factor_params(level, canvas, cropped)[:, :, rows]
