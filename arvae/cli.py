@@ -27,6 +27,7 @@ from arvae.checkpoint_io import AtomicCheckpointIO, check_readable
 from callbacks import (
     CollapseAlarm,
     Colourizations,
+    GuidedSamples,
     KLBreakdown,
     LatentMap,
     LossyCode,
@@ -98,6 +99,7 @@ class ArvaeCLI(LightningCLI):
         parser.add_lightning_class_args(LossyCode, "lossy_code")
         parser.add_lightning_class_args(Colourizations, "colourizations")
         parser.add_lightning_class_args(MultiScaleSamples, "multiscale")
+        parser.add_lightning_class_args(GuidedSamples, "guided_samples")
         parser.add_lightning_class_args(TestReport, "test_report")
         parser.add_lightning_class_args(RunRecord, "run_record")
 

@@ -1,6 +1,8 @@
-"""Sweep figures for `arvae report --plot OPTION`: a test metric against the swept option,
-one line per model (PixelVAE Fig. 4a: NLL against the number of PixelCNN layers, PixelVAE
-and PixelCNN), and the -ELBO's breakdown into reconstruction and KL (Fig. 4b)."""
+"""Sweep figures for `arvae report --plot OPTION`: test metrics against the swept option,
+one line per model and metric (PixelVAE Fig. 4a: NLL against the number of PixelCNN layers,
+PixelVAE and PixelCNN; AGAVE Figs. 4 and 5: bits/dim of both decoders, KL and reconstructions
+against λ and against y's colour levels), and the -ELBO's breakdown into reconstruction and
+KL (PixelVAE Fig. 4b)."""
 
 from collections import defaultdict
 from pathlib import Path
@@ -15,9 +17,10 @@ from .report import hparam  # noqa: E402
 Series = dict[str, list[tuple[object, float]]]  # label -> (option value, metric) per run
 
 
-def series(reports: list[dict], option: str, metric: str) -> Series:
-    """``test/<metric>`` against the model option ``option`` (dotted key), per model class;
-    runs without that metric or option are left out. ``kl`` is the sum over latent levels."""
+def series(reports: list[dict], option: str, metric: str, group: str | None = None) -> Series:
+    """``test/<metric>`` against the model option ``option`` (dotted key), per model class
+    (and per value of the option ``group``, if given); runs without that metric or option are
+    left out. ``kl`` is the sum over latent levels."""
     found: Series = defaultdict(list)
     for report in reports:
         x = hparam(report["hparams"], option, None)
@@ -27,8 +30,11 @@ def series(reports: list[dict], option: str, metric: str) -> Series:
             y = sum(kls) if kls else None
         else:
             y = metrics.get(f"test/{metric}")
+        label = report["model"]
+        if group is not None:
+            label += f" {group.rsplit('.', 1)[-1]}={hparam(report['hparams'], group, None)}"
         if x is not None and y is not None:
-            found[report["model"]].append((x, float(y)))
+            found[label].append((x, float(y)))
     return {label: sorted(points, key=lambda p: _order(p[0])) for label, points in found.items()}
 
 
@@ -51,18 +57,28 @@ def _draw(ax, points: list[tuple[object, float]], label: str, **style) -> None:
         ax.set_xticks(list(at.values()), [str(x) for x in at], rotation=30, ha="right")
 
 
-def plot_metric(reports: list[dict], option: str, metric: str, path: Path) -> Path | None:
-    """``test/<metric>`` against ``option``, one line per model; None if no run has both."""
-    data = series(reports, option, metric)
+def plot_metric(
+    reports: list[dict], option: str, metrics: list[str], path: Path, group: str | None = None
+) -> Path | None:
+    """Each ``test/<metric>`` against ``option``, one line per model and metric (AGAVE Fig. 4:
+    both decoders' bits/dim and the KL and reconstruction terms against λ); None if no run
+    has the option and one of them. Metrics in bits/dim and in nats share no axis: give one
+    kind."""
+    data = {m: series(reports, option, m, group) for m in metrics}
+    data = {m: d for m, d in data.items() if d}
     if not data:
         return None
-    fig, ax = plt.subplots(figsize=(5, 3.5), layout="constrained")
-    for label, points in data.items():
-        _draw(ax, points, label, marker="o")
-    unit = "bits/dim" if metric.startswith("bpd") else "nats per image"
-    ax.set(xlabel=option, ylabel=f"test/{metric} ({unit})", title=f"test/{metric} vs {option}")
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), layout="constrained")
+    models = {label for d in data.values() for label in d}
+    for metric, found in data.items():
+        for model, points in found.items():
+            label = metric if len(models) == 1 else f"{model} {metric}"
+            _draw(ax, points, label, marker="o")
+    unit = "bits/dim" if all(m.startswith("bpd") for m in data) else "nats per image"
+    name = f"test/{next(iter(data))}" if len(data) == 1 else "test metrics"
+    ax.set(xlabel=option, ylabel=f"{name} ({unit})", title=f"{name} vs {option}")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
     return _save(fig, path)
 
 
@@ -91,12 +107,15 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_sweep(reports: list[dict], option: str, metric: str, folder: Path) -> list[Path]:
-    """The sweep's figures in ``folder``: ``<metric>_vs_<option>.png`` and, with latent
-    models, ``breakdown_vs_<option>.png``."""
+def plot_sweep(
+    reports: list[dict], option: str, metrics: list[str], folder: Path, group: str | None = None
+) -> list[Path]:
+    """The sweep's figures in ``folder``: ``<metric>_vs_<option>.png`` (``metrics_vs_...``
+    for several metrics in one plot) and, with latent models, ``breakdown_vs_<option>.png``."""
     name = option.replace(".", "_").replace("/", "_")
+    stem = metrics[0].replace("/", "_") if len(metrics) == 1 else "metrics"
     drawn = [
-        plot_metric(reports, option, metric, folder / f"{metric}_vs_{name}.png"),
+        plot_metric(reports, option, metrics, folder / f"{stem}_vs_{name}.png", group),
         plot_breakdown(reports, option, folder / f"breakdown_vs_{name}.png"),
     ]
     return [p for p in drawn if p is not None]

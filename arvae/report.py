@@ -13,9 +13,10 @@ tested run of the target's run name and model options (ours, k, training steps, 
 checkpoint), and "not run" where there is none.
 
 With ``--plot OPTION`` (a dotted model option, e.g. ``pixelcnn.n_layers``) it also draws the
-sweep as PNGs beside the table (``--out``'s folder, else the first path): ``--metric``
-against the option, one line per model (Fig. 4a), and the reconstruction / KL breakdown of
-the latent models (Fig. 4b); see :mod:`arvae.plots`.
+sweep as PNGs beside the table (``--out``'s folder, else the first path): the ``--metric``
+(one or several) against the option, one line per model and metric (PixelVAE Fig. 4a; AGAVE
+Fig. 4 with ``--plot lam --metric bpd bpd_vae bpd/kl bpd/recon bpd/recon_y``), and the
+reconstruction / KL breakdown of the latent models (PixelVAE Fig. 4b); see :mod:`arvae.plots`.
 """
 
 import argparse
@@ -64,6 +65,8 @@ def row(report: dict, columns: list[str]) -> dict:
         "nll_iwae": estimate(m, "test/nll_iwae"),
         "bpd": estimate(m, "test/bpd"),
         "bpd_iwae": estimate(m, "test/bpd_iwae"),
+        "recon_y": m.get("test/recon_y"),  # AGAVE: the VAE's reconstruction of y and its bound
+        "bpd_vae": estimate(m, "test/bpd_vae"),
         "k": report.get("iwae_k"),
         "n_test": report.get("n_test_examples"),
     }
@@ -157,12 +160,19 @@ def main(argv: list[str] | None = None) -> str:
     )
     parser.add_argument("--plot", metavar="OPTION", help="draw the metrics against this option")
     parser.add_argument(
-        "--metric", default="nll_iwae", help="test metric of --plot (nll_iwae, nelbo, bpd_iwae…)"
+        "--group", metavar="OPTION", help="with --plot: one line per value of this option too"
+    )
+    parser.add_argument(
+        "--metric",
+        nargs="+",
+        default=["nll_iwae"],
+        help="test metrics of --plot, drawn in one figure (nll_iwae, nelbo, bpd_iwae, bpd/kl…)",
     )
     args = parser.parse_args(argv)
     reports = collect(args.paths)
-    if args.plot and args.plot not in args.columns:
-        args.columns.append(args.plot)
+    for option in (args.plot, args.group):
+        if option and option not in args.columns:
+            args.columns.append(option)
     if args.ledger:
         table = ledger(args.ledger, reports)
     else:
@@ -177,6 +187,6 @@ def main(argv: list[str] | None = None) -> str:
         from . import plots  # matplotlib: only when drawing
 
         folder = args.out.parent if args.out else next(iter(args.paths), Path("."))
-        for path in plots.plot_sweep(reports, args.plot, args.metric, folder):
+        for path in plots.plot_sweep(reports, args.plot, args.metric, folder, args.group):
             print(f"Figure: {path}")
     return table

@@ -2,6 +2,7 @@
 
 from .auxiliary_views import Colourizations, MultiScaleSamples
 from .collapse_alarm import CollapseAlarm
+from .guided_samples import GuidedSamples
 from .kl_breakdown import KLBreakdown
 from .latent_map import LatentMap
 from .lossy_code import LossyCode
@@ -15,6 +16,7 @@ from .test_report import TestReport
 __all__ = [
     "CollapseAlarm",
     "Colourizations",
+    "GuidedSamples",
     "KLBreakdown",
     "LatentMap",
     "LossyCode",

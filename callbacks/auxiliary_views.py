@@ -79,6 +79,7 @@ class Colourizations(ImageCallback):
 
     @torch.no_grad()
     def write(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str) -> list[Path]:
+        out = run_dir(trainer) / "samples"  # a collective under DDP: before rank zero's branch
         if not hasattr(pl_module, "colourize") or not trainer.is_global_zero:
             return []
         if self.originals is None or not self.n_colourings:
@@ -92,8 +93,7 @@ class Colourizations(ImageCallback):
         columns = [for_display(pl_module, 0, x, size), for_display(pl_module, 1, view, size)]
         columns += list(for_display(pl_module, 0, drawn, size).unflatten(0, (len(x), -1)).unbind(1))
         rows = torch.stack(columns, 1).flatten(0, 1)
-        paths = [save_grid(rows, run_dir(trainer) / "samples" / f"colourizations_{tag}.png",
-                           self.n_colourings + 2)]  # fmt: skip
+        paths = [save_grid(rows, out / f"colourizations_{tag}.png", self.n_colourings + 2)]
         log_images(trainer, paths)
         return paths
 
@@ -126,6 +126,7 @@ class MultiScaleSamples(ImageCallback):
 
     @torch.no_grad()
     def write(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str) -> list[Path]:
+        out = run_dir(trainer) / "samples"  # a collective under DDP: before rank zero's branch
         if not hasattr(pl_module, "sample_levels") or not trainer.is_global_zero:
             return []
         if not self.n_samples:
@@ -137,7 +138,7 @@ class MultiScaleSamples(ImageCallback):
         columns = [for_display(pl_module, k, v, size) for k, v in enumerate(levels)][::-1]
         rows = torch.stack(columns, 1).flatten(0, 1)
         suffix = "" if self.sampling == "model" else f"_{self.sampling}"
-        path = run_dir(trainer) / "samples" / f"multiscale{suffix}_{tag}.png"
+        path = out / f"multiscale{suffix}_{tag}.png"
         paths = [save_grid(rows, path, len(columns))]
         log_images(trainer, paths)
         return paths

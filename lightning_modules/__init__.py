@@ -1,5 +1,6 @@
 """arvae models: one LightningModule per paper on a shared backbone."""
 
+from .agave import AGAVE
 from .auxiliary_pixelcnn import AuxiliaryPixelCNN
 from .base import ImageModel
 from .hierarchical_pixelvae import HierarchicalPixelVAE
@@ -9,6 +10,7 @@ from .pixelvae import PixelVAE
 from .vlae import VLAE
 
 __all__ = [
+    "AGAVE",
     "AuxiliaryPixelCNN",
     "HierarchicalPixelVAE",
     "ImageModel",

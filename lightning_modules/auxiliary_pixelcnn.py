@@ -35,19 +35,20 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .backbone import PixelCNNppNet, PixelDecoderFactory, as_factory, sample_autoregressive
+from .backbone import (
+    PixelCNNppNet,
+    PixelDecoderFactory,
+    as_factory,
+    built,
+    sample_autoregressive,
+)
 from .backbone.embedding_net import EmbeddingNet
+from .backbone.pixelcnnpp import sampling_rows
 from .base import ImageModel
 from .likelihoods import Categorical, DiscretizedLogisticMixture, Likelihood
 from .views import View
 
 EmbeddingFactory = Callable[[int], EmbeddingNet]
-
-
-def built(part):
-    """A view or likelihood given as an object, or as its config (``{"class_path": ...,
-    "init_args": ...}``, as a parsed config file holds it) built."""
-    return as_factory(part)() if isinstance(part, dict) else part
 
 
 class AuxiliaryPixelCNN(ImageModel):
@@ -234,8 +235,7 @@ class AuxiliaryPixelCNN(ImageModel):
         height = self.level_shapes[level][1]
         if cond is not None and cond.shape[2] != height:
             return height
-        block = 2 ** (getattr(self.nets[self.level_names[level]], "resolutions", 1) - 1)
-        return min(height, -(-rows // block) * block)
+        return sampling_rows(self.nets[self.level_names[level]], rows, height)
 
     def sample_level(
         self,

@@ -40,6 +40,7 @@ from .backbone import (
     PixelDecoder,
     PixelDecoderFactory,
     as_factory,
+    built,
     network_config,
     sample_autoregressive,
 )
@@ -47,10 +48,11 @@ from .likelihoods import LIKELIHOODS, Likelihood, bits_per_dim
 from .metrics import ActiveUnits, StandardError
 
 BOUNDS = ("nelbo", "nll_iwae", "bpd", "bpd_iwae")  # the headline test numbers
-TermKind = Literal["bound", "kl", "diagnostic"]
+TermKind = Literal["bound", "kl", "auxiliary", "diagnostic"]
 """How a term of ``elbo_terms`` counts: ``bound``, a term of -ELBO and of the loss; ``kl``,
 the same for a latent level's KL (``kl/<level>``: KL warm-up and free bits apply to these
-only); ``diagnostic``, logged but in neither."""
+only); ``auxiliary``, a term of the loss that is not part of the bound (AGAVE's
+reconstruction of its auxiliary image); ``diagnostic``, logged but in neither."""
 
 
 class ImageModel(L.LightningModule):
@@ -119,7 +121,7 @@ class ImageModel(L.LightningModule):
             raise ValueError(f"iwae_k and iwae_batch must be >= 1, got {iwae_k}, {iwae_batch}")
         self.image_shape = tuple(image_shape)
         self.data_kind = data_kind
-        self.likelihood = LIKELIHOODS[data_kind] if likelihood is None else likelihood
+        self.likelihood = LIKELIHOODS[data_kind] if likelihood is None else built(likelihood)
         self.lr = lr
         self.optimizer_name = optimizer
         if not 0 < lr_decay <= 1:
@@ -382,6 +384,9 @@ class ImageModel(L.LightningModule):
                 f" lacks the declared bound terms {missing}: every term must be declared in"
                 f" term_kinds as 'bound', 'kl' or 'diagnostic' (declared: {kinds})"
             )
+        unknown = sorted(k for k, kind in kinds.items() if kind not in TermKind.__args__)
+        if unknown:
+            raise KeyError(f"{type(self).__name__}.term_kinds: unknown kinds for {unknown}")
         for name, kind in kinds.items():
             if kind == "kl" and name.removeprefix("kl/") not in self.latent_shapes:
                 raise KeyError(
@@ -391,10 +396,18 @@ class ImageModel(L.LightningModule):
                 )
         return terms
 
+    def loss_weights(self) -> dict[str, float]:
+        """Each term's weight in the training loss (1 where not given): AGAVE's λ on its KL
+        and the weight of its auxiliary term. KL warm-up multiplies the KL terms' further."""
+        return {}
+
     def loss(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Training objective: the mean of every bound term, plus the KL weight x each KL
-        term's mean, clamped from below by free bits."""
+        """Training objective: the mean of every bound and auxiliary term, plus the KL weight
+        x each KL term's mean, clamped from below by free bits; each times its
+        :meth:`loss_weights` (a weight of 0 keeps the term in the graph, with zero gradients,
+        which DDP needs of every parameter)."""
         loss = torch.zeros((), device=self.device)
+        weights = self.loss_weights()
         for name, kind in self.term_kinds.items():
             if kind == "diagnostic" or name not in terms:  # a test may pass part of the terms
                 continue
@@ -409,13 +422,13 @@ class ImageModel(L.LightningModule):
                     )
                     value = torch.clamp(value, min=self.free_bits * unit)
                 value = self.kl_weight * value
-            loss = loss + value
+            loss = loss + weights.get(name, 1.0) * value
         return loss
 
     def nelbo(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         """Negative ELBO per example: the sum of the bound and KL terms."""
         kinds = self.term_kinds
-        return sum(v for k, v in self.checked(terms).items() if kinds[k] != "diagnostic")
+        return sum(v for k, v in self.checked(terms).items() if kinds[k] in ("bound", "kl"))
 
     # ------------------------------------------------------------------ Lightning
     def configure_optimizers(self):

@@ -100,6 +100,35 @@ def check_levels(x: torch.Tensor, n_values: int, name: str) -> None:
     )
 
 
+def log_bin_mass(
+    lower: torch.Tensor,
+    upper: torch.Tensor,
+    mean: torch.Tensor,
+    log_scale: torch.Tensor,
+    first: torch.Tensor,
+    last: torch.Tensor,
+) -> torch.Tensor:
+    """log P(lower < Y < upper) for Y ~ Logistic(mean, exp(log_scale)), exactly and stably
+    (float32): the ``first`` bin reaches down to -inf, the ``last`` up to +inf, so the bins
+    of a discretized logistic sum to one. An interior bin is computed as
+    sigmoid(a) - sigmoid(b) = sigmoid(a) sigmoid(-b) (1 - exp(-(a - b))), a, b the standardized
+    edges: ``logsigmoid(a) + logsigmoid(-b) + log1mexp(d)``, d = (upper - lower) / s, with a
+    series for d < 1e-4 where exp(-d) rounds to 1 (see DiscretizedLogisticMixture)."""
+    inv_s = torch.exp(-log_scale)
+    log_cdf_upper = F.logsigmoid((upper - mean) * inv_s)  # all of the first bin's mass
+    log_sf_lower = F.logsigmoid((mean - lower) * inv_s)  # all of the last bin's mass
+    log_d = torch.log(upper - lower) - log_scale
+    d = torch.exp(log_d)
+    tiny = d < 1e-4
+    d_safe = torch.where(tiny, 1.0, d)
+    log1mexp = torch.where(
+        d_safe > math.log(2), torch.log1p(-torch.exp(-d_safe)), torch.log(-torch.expm1(-d_safe))
+    )
+    log1mexp = torch.where(tiny, log_d - d / 2, log1mexp)
+    interior = log_cdf_upper + log_sf_lower + log1mexp
+    return torch.where(first, log_cdf_upper, torch.where(last, log_sf_lower, interior))
+
+
 class Bernoulli(Likelihood):
     """Independent Bernoulli per dimension, parameterized by logits; support {0, 1}."""
 
@@ -377,24 +406,8 @@ class DiscretizedLogisticMixture(Likelihood):
             means = torch.stack(torch.broadcast_tensors(mean_r, mean_g, mean_b), 1)
 
         h = 1.0 / (self.n_levels - 1)
-        inv_s = torch.exp(-log_scales)
-        upper = (y + h - means) * inv_s  # a
-        lower = (y - h - means) * inv_s  # b
-        log_cdf_upper = F.logsigmoid(upper)  # log sigmoid(a): all of level 0's mass
-        log_sf_lower = F.logsigmoid(-lower)  # log (1 - sigmoid(b)): all of level K-1's mass
-        # log(1 - exp(-d)), d = a - b = 2h/s; series below 1e-4, where exp(-l) may underflow
-        log_d = math.log(2 * h) - log_scales
-        d = torch.exp(log_d)
-        tiny = d < 1e-4
-        d_safe = torch.where(tiny, 1.0, d)
-        log1mexp = torch.where(
-            d_safe > math.log(2), torch.log1p(-torch.exp(-d_safe)), torch.log(-torch.expm1(-d_safe))
-        )
-        log1mexp = torch.where(tiny, log_d - d / 2, log1mexp)
-        interior = log_cdf_upper + log_sf_lower + log1mexp
-        top = self.n_levels - 1
-        log_bin = torch.where(
-            level == 0, log_cdf_upper, torch.where(level == top, log_sf_lower, interior)
+        log_bin = log_bin_mass(
+            y - h, y + h, means, log_scales, level == 0, level == self.n_levels - 1
         )
         log_mix = F.log_softmax(logits, dim=1) + log_bin.sum(1)  # (B, n, H, W)
         return torch.logsumexp(log_mix, dim=1).flatten(1).sum(1)
@@ -481,6 +494,80 @@ class DiscretizedLogisticMixture(Likelihood):
         )
         u = f_low + u * (f_high - f_low)
         return mean + torch.exp(log_scale) * torch.logit(u, eps=1e-7)
+
+
+class DiscretizedLogistic(Likelihood):
+    """AGAVE's factorized output on b colour levels (eq. 8): every channel of every pixel an
+    independent logistic, discretized into the b bins of its level; b divides 256.
+
+    Level j of b-level data stands for the 8-bit values c j .. c j + c - 1 (c = 256 / b;
+    ``views.Quantize`` makes such data): on PixelCNN++'s scale, 8-bit value v at
+    y_v = 2 v / 255 - 1 with the bin [y_v - 1/255, y_v + 1/255], level j is the bin
+    [y_cj - 1/255, y_(cj+c-1) + 1/255], the lowest reaching to -inf and the highest to +inf
+    so that the b probabilities sum to one. The means live on that scale whatever b is, so a
+    VAE's means f(z) read as an image the same way at every quantization (AGAVE: "the VAE
+    decoder outputs the continuous means ... regardless of the quantization level"); eq. 8
+    bins the 0..255 scale as [c j, c j + c), the same bins up to half an 8-bit value.
+
+    Parameters (B, 2C, H, W): the C means, then the C log-scales (clamped below at
+    ``log_scale_min``); AGAVE shares one learned scale per channel over all pixels, which its
+    model broadcasts into the map.
+    """
+
+    params_per_channel = 2
+    sequential_channels = False
+
+    def __init__(self, levels: int = 256, log_scale_min: float = -7.0) -> None:
+        if levels < 2 or 256 % levels:
+            raise ValueError(f"levels must divide 256 (2, 4, ..., 256), got {levels}")
+        self.levels = levels
+        self.log_scale_min = log_scale_min
+
+    @property
+    def width(self) -> int:
+        """8-bit values per level (c = 256 / b)."""
+        return 256 // self.levels
+
+    def edges(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The lower and upper edge of each level's bin on the [-1, 1] scale."""
+        first = x.float() * self.width
+        return (2 * first - 1) / 255 - 1, (2 * (first + self.width - 1) + 1) / 255 - 1
+
+    def network_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Levels -> the centres of their bins on the [-1, 1] scale of 8-bit data."""
+        return (2 * x * self.width + (self.width - 1)) / 255 - 1
+
+    def check(self, x: torch.Tensor) -> None:
+        check_levels(x, self.levels, f"DiscretizedLogistic(levels={self.levels})")
+
+    def split(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, log_scale = DiagonalGaussian.split(params)
+        return mean, log_scale.clamp(min=self.log_scale_min)
+
+    def log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """log p(x) per example, nats: (B, 2C, H, W) parameters, (B, C, H, W) levels -> (B,)."""
+        self.check(x)
+        mean, log_scale = self.split(params)
+        if mean.shape != x.shape:
+            raise ValueError(f"parameters for {tuple(mean.shape)} images, data {tuple(x.shape)}")
+        lower, upper = self.edges(x)
+        log_p = log_bin_mass(lower, upper, mean, log_scale, x == 0, x == self.levels - 1)
+        return log_p.flatten(1).sum(1)
+
+    def _level(self, y: torch.Tensor) -> torch.Tensor:
+        """The level whose bin holds y (on the [-1, 1] scale)."""
+        value = ((y.clamp(-1.0, 1.0) + 1.0) * 127.5).round()  # the nearest 8-bit value
+        return torch.div(value, self.width, rounding_mode="floor")
+
+    def sample(self, params: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Levels drawn by inverting the logistic's CDF at uniform ``noise``, as float32."""
+        mean, log_scale = self.split(params)
+        u = torch.rand_like(mean) if noise is None else noise.to(mean.device, torch.float32)
+        return self._level(mean + torch.exp(log_scale) * torch.logit(u, eps=1e-7))
+
+    def mode(self, params: torch.Tensor) -> torch.Tensor:
+        """The level holding the logistic's mode (its mean)."""
+        return self._level(self.split(params)[0])
 
 
 LIKELIHOODS = {"binary": Bernoulli(), "8bit": Categorical(256)}

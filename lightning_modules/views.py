@@ -141,6 +141,25 @@ class HalfResolution(View):
         return lambda c, drawn: (low[:, c], high[:, c])
 
 
+class Quantize(View):
+    """AGAVE's coarser colours (§4.2, Fig. 5): each 8-bit value v of every channel cut into
+    ``levels`` equal bins, v // (256 / levels); ``levels`` divides 256 (256: the image)."""
+
+    def __init__(self, levels: int = 32) -> None:
+        if levels < 2 or 256 % levels:
+            raise ValueError(f"Quantize levels must divide 256 (2, 4, ..., 256), got {levels}")
+        self.out_levels = levels
+
+    def shape(self, image_shape):
+        return tuple(image_shape)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return as_levels(x.round().long() // (256 // self.out_levels), x)
+
+    def name(self, image_shape) -> str:
+        return f"levels{self.out_levels}"
+
+
 def as_levels(levels: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Integer levels in the floating dtype of the image they came from (float32 for ints)."""
     return levels.to(like.dtype if like.is_floating_point() else torch.float32)

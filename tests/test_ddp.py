@@ -203,6 +203,20 @@ def assert_same_test(report: dict, reference: dict) -> None:
         assert report["metrics"][key] == pytest.approx(value, rel=1e-6), key
 
 
+def check_one_process_and_ddp_tests(model: str, ckpt: Path, options: list[str],
+                                              cwd: Path) -> dict:  # fmt: skip
+    """`arvae test` of a checkpoint of ``model`` (class path) with ``options`` in one process
+    and on 2 gloo ranks: the same numbers, each test example once (:func:`assert_same_test`);
+    returns the one-process report."""
+    command = ["test", "--model", model, *QUIET, *options, "--ckpt_path", str(ckpt)]
+    for name, extra in (("one", []), ("ddp", DDP)):
+        ok(arvae(*command, *extra, "--trainer.logger.init_args.name", name, cwd=cwd,
+                 timeout=DDP_TIMEOUT))  # fmt: skip
+    one, ddp = (read_report(cwd / "runs" / n / "version_0") for n in ("one", "ddp"))
+    assert_same_test(ddp, one)
+    return one
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_ddp_test_matches_one_process(fits, one_process, name, tmp_path):
     """`arvae test` of one checkpoint on 2 ranks, and the test after the fit on 2 ranks, give

@@ -102,8 +102,11 @@ def test_every_ledger_target_names_a_shipped_config_and_its_run_name():
         assert metric in ("test/nll_iwae", "test/bpd", "test/bpd_iwae") or metric.startswith(
             ("test/bpd/", "test/bpd_at/")  # a factor, a level of an auxiliary-variable PixelCNN
         ), target
-        assert f"name: {target['run']}}}" in config.read_text(), target  # its logger name
-        if overlays:  # an ablation's runs are told apart by the options its overlay sets
+        files = [config, *(config.parent / f"{o}.yaml" for o in overlays)]
+        named = [f for f in files if f"name: {target['run']}}}" in f.read_text()]  # logger name
+        assert named, target
+        if overlays and named[-1] == config:  # an ablation overlay keeps its base's run name:
+            # its runs are told apart by the options the overlay sets
             overlay = yaml.safe_load((config.parent / f"{overlays[0]}.yaml").read_text())
             assert target["match"] == overlay["model"]["init_args"], target
 

@@ -2,6 +2,7 @@
 grid order and seeded random draws, clear errors, every shipped sweep, a real sweep end to
 end (single process and DDP), and the DDP ranks' configuration check."""
 
+import itertools
 import json
 import math
 import os
@@ -29,6 +30,8 @@ SHIPPED = {
     "pixelcnn_layers": 10,
     "vlae_receptive_field": 5,
     "pixelvae_table1": 5,
+    "agave_lambda": 5,
+    "agave_auxiliary_image": 18,  # 6 colour levels x 3 resolutions
 }
 
 
@@ -254,26 +257,30 @@ def test_runs_started_together_claim_distinct_versions(tmp_path, monkeypatch):
 
 
 def test_every_shipped_sweep_expands_to_runs_that_parse(capsys, monkeypatch):
-    """Each shipped sweep's dry run has one command line per grid value, and each parses
-    (in process, `--print_config`) with its parameter set to that value."""
+    """Each shipped sweep's dry run has one command line per point of its grid (the last
+    parameter varying fastest), and each parses (in process, `--print_config`) with its
+    parameters set to that point's values."""
     assert {p.stem for p in (REPO / "experiments" / "sweeps").glob("*.yaml")} == set(SHIPPED)
     monkeypatch.chdir(REPO)  # the sweeps' config paths are relative to the repository root
     for name, n_runs in SHIPPED.items():
         path = REPO / "experiments" / "sweeps" / f"{name}.yaml"
-        (param, spec), *_ = yaml.safe_load(path.read_text())["parameters"].items()
+        params = yaml.safe_load(path.read_text())["parameters"]
+        grid = list(itertools.product(*(spec["values"] for spec in params.values())))
         lines = dry_run(path, capsys)
-        assert len(lines) == n_runs == len(spec["values"]), name
-        section, _, key = param.partition(".init_args.")
-        for line, value in zip(lines, spec["values"], strict=True):
-            assert line[: len(ARVAE)] == ARVAE and line[-1] == f"--{param}={value}"
+        assert len(lines) == n_runs == len(grid), name
+        for line, point in zip(lines, grid, strict=True):
+            assert line[: len(ARVAE)] == ARVAE
+            assert line[-len(point) :] == [f"--{k}={v}" for k, v in zip(params, point, strict=True)]
             with pytest.raises(SystemExit) as exit_:
                 cli.cli([*line[len(ARVAE) :], "--print_config"])
             assert exit_.value.code == 0
             config = yaml.safe_load(capsys.readouterr().out)
-            if param == "config":  # a config file per run, whose runs are named after it
-                assert config["trainer"]["logger"]["init_args"]["name"] == Path(value).stem
-            else:
-                assert hparam(config[section]["init_args"], key) == value, (name, value)
+            for param, value in zip(params, point, strict=True):
+                section, _, key = param.partition(".init_args.")
+                if param == "config":  # a config file per run, whose runs are named after it
+                    assert config["trainer"]["logger"]["init_args"]["name"] == Path(value).stem
+                else:
+                    assert hparam(config[section]["init_args"], key) == value, (name, value)
 
 
 def test_the_table1_sweep_runs_every_table1_row_of_the_ledger():

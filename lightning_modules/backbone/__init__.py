@@ -19,6 +19,7 @@ from .pixel_decoder import (
     PixelDecoder,
     PixelDecoderFactory,
     as_factory,
+    built,
     factory_config,
     network_config,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "PixelCNNppNet",
     "PixelDecoder",
     "as_factory",
+    "built",
     "factory_config",
     "network_config",
     "PixelDecoderFactory",

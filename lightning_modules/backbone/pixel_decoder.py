@@ -121,6 +121,12 @@ def as_factory(spec) -> Callable[..., PixelDecoder]:
     )
 
 
+def built(part):
+    """A part given as an object (a likelihood, a view), or as its config (``{"class_path":
+    ..., "init_args": ...}``, as a parsed config file or a checkpoint holds it) built."""
+    return as_factory(part)() if isinstance(part, dict) else part
+
+
 def network_config(value) -> dict | None:
     """The config of a network option in any of its forms (class, partial, config dict),
     every init arg filled in; None for anything that is not a network option: a module

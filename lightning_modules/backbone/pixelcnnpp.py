@@ -66,6 +66,16 @@ def resize_map(cond_map: torch.Tensor, size: Size) -> torch.Tensor:
     return cond_map[:, :, : size[0], : size[1]]
 
 
+def sampling_rows(net: nn.Module, rows: int, height: int) -> int:
+    """How many canvas rows a network runs on when sampling gives the exact outputs of its
+    first ``rows`` rows: ``rows`` up to a multiple of its coarsest stream's stride (the canvas
+    padded with zeros below, which the causal streams never see), so that every coarser cell
+    and every pooled cell of a conditioning map covers the rows it does on the whole image;
+    at most ``height``. About half the canvas per pixel on average instead of all of it."""
+    block = 2 ** (getattr(net, "resolutions", 1) - 1)
+    return min(height, -(-rows // block) * block)
+
+
 class ShiftedConv2d(nn.Conv2d):
     """Convolution padded so that output (i, j) sees input rows i - kh + 1..i and columns
     centred on j (down-shifted) or j - kw + 1..j (down-right-shifted). Stride 2 halves the
