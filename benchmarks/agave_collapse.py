@@ -99,8 +99,8 @@ def train(model, optimizer, x, steps, seed, every, label, batch_size) -> float:
         loss.backward()
         optimizer.step()
         if step % every == 0 or step == steps:
-            bpd = float(model.nelbo(terms).mean()) / (model.dims * math.log(2))
-            print(f"  {label} step {step:5d}: train KL {float(terms['kl/z'].mean()):8.2f} nats,"
+            bpd = float(model.nelbo(terms).detach().mean()) / (model.dims * math.log(2))
+            print(f"  {label} step {step:5d}: train KL {float(terms['kl/z'].detach().mean()):8.2f} nats,"
                   f" -ELBO {bpd:.3f} bits/dim", flush=True)  # fmt: skip
     return time.perf_counter() - start
 

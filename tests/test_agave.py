@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from test_cli import QUIET, REPO, arvae, ok, read_report
+from test_cli import QUIET, REPO, arvae, ok, printed_config, read_report
 from test_ddp import check_one_process_and_ddp_tests
 
-from arvae import cli, report
+from arvae import report
 from arvae.report import hparam
 from lightning_modules import AGAVE
 from lightning_modules.backbone import EmbeddingNet, PixelCNNppNet
@@ -357,15 +356,12 @@ AGAVE_DIR = REPO / "experiments" / "agave"
         ("cifar10_control", {"auxiliary_weight": 0.0, "lam": 1, "pretrain_steps": 0}),
     ],
 )
-def test_the_configs_hold_the_papers_settings_and_build(overlay, options, capsys):
+def test_the_configs_hold_the_papers_settings_and_build(overlay, options):
     """§4.1: Adamax 2e-3 without decay, a PixelCNN++ of the PixelCNN++ paper's size, 150
     importance samples; each overlay's λ and y. The full-size model builds for CIFAR-10.
     (The sweeps' commands are parsed in test_sweep.py.)"""
-    with pytest.raises(SystemExit) as exit_:  # in process: the parse, not Python's start-up
-        cli.cli(["fit", "-c", str(AGAVE_DIR / "_cifar10.yaml"), "-c",
-                 str(AGAVE_DIR / f"{overlay}.yaml"), "--print_config"])  # fmt: skip
-    assert exit_.value.code == 0
-    config = yaml.safe_load(capsys.readouterr().out)
+    config = printed_config("fit", "-c", str(AGAVE_DIR / "_cifar10.yaml"), "-c",
+                            str(AGAVE_DIR / f"{overlay}.yaml"))  # fmt: skip
     init = config["model"]["init_args"]
     assert (init["optimizer"], init["lr"], init["lr_decay"], init["iwae_k"]) == (
         "adamax", 0.002, 1.0, 150)  # fmt: skip

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from test_cli import QUIET, REPO, arvae, ok, read_report
+from test_cli import QUIET, REPO, arvae, ok, printed_config, read_report
 from test_ddp import check_one_process_and_ddp_tests
 
 from callbacks.auxiliary_views import sampling_mode
@@ -366,8 +365,7 @@ def test_ddp_test_of_a_checkpoint_matches_one_process(fitted, tmp_path):
 def test_the_paper_config_parses_into_the_grayscale_pixelcnn_of_section_4_1(tmp_path):
     """§4.1's schedule and sizes, and the full-size model builds for CIFAR-10."""
     config_file = REPO / "experiments" / "auxiliary" / "grayscale_cifar10.yaml"
-    config = yaml.safe_load(ok(arvae("fit", "-c", str(config_file), "--print_config",
-                                     cwd=tmp_path)).stdout)  # fmt: skip
+    config = printed_config("fit", "-c", str(config_file))
     init = config["model"]["init_args"]
     assert (init["optimizer"], init["lr"], init["lr_decay"]) == ("adam", 0.001, 0.99999)
     assert config["data"]["init_args"]["batch_size"] == 64 and config["data"]["init_args"]["flip"]
@@ -393,8 +391,7 @@ def test_the_pyramid_configs_hold_section_4_2(name, data, levels, tmp_path):
     """§4.2: light levels (3 blocks, no down/up-sampling, 100 filters), the 15-block embedding
     (down after 3, up after 9 and 12), Adam 1e-3 with decay 0.999995, batch 16, 60 epochs."""
     config_file = REPO / "experiments" / "auxiliary" / f"{name}.yaml"
-    config = yaml.safe_load(ok(arvae("fit", "-c", str(config_file), "--print_config",
-                                     cwd=tmp_path)).stdout)  # fmt: skip
+    config = printed_config("fit", "-c", str(config_file))
     assert config["data"]["class_path"] == f"datamodules.{data}"
     assert config["data"]["init_args"]["batch_size"] == 16 and config["trainer"]["max_epochs"] == 60
     init = config["model"]["init_args"]

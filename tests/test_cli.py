@@ -4,6 +4,8 @@ Every run writes under pytest's tmp_path (the subprocess's cwd; the CSV logger's
 The repository root goes on PYTHONPATH so that `tests.tiny_data` is importable by class path.
 """
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -19,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from arvae.cli import main
+from arvae.cli import cli, main
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("test/nelbo", "test/recon", "test/kl/z", "test/nll_iwae")
@@ -153,6 +155,20 @@ def _read_and_close(file) -> str:
 def arvae(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
     """`python -m arvae.cli *args` in cwd, killed with its DDP ranks past `timeout`."""
     return finish([spawn(*args, cwd=cwd, env=cli_env())], timeout)[0]
+
+
+def printed_config(*args: str, cwd: Path | None = None) -> dict:
+    """The config `arvae *args --print_config` prints, parsed in this process (a quarter of
+    a second, where a subprocess spends ~5 s importing); ``cwd`` for relative paths."""
+    out, here = io.StringIO(), os.getcwd()
+    try:
+        os.chdir(cwd or here)
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_:
+            cli([*args, "--print_config"])
+    finally:
+        os.chdir(here)
+    assert exit_.value.code in (0, None), out.getvalue()
+    return yaml.safe_load(out.getvalue())
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

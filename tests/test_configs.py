@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_cli import REPO, arvae, ok
+from test_cli import REPO, printed_config
 
 from arvae.report import hparam
 from lightning_modules import VLAE, HierarchicalPixelVAE
@@ -32,9 +32,7 @@ def has_options(init_args: dict, options: dict) -> bool:
 @pytest.mark.parametrize("row", sorted(ROWS))
 def test_table1_configs_parse(row, tmp_path):
     common = PIXELVAE / "_mnist_common.yaml"
-    result = ok(arvae("fit", "-c", str(common), "-c", str(PIXELVAE / f"{row}.yaml"),
-                      "--print_config", cwd=tmp_path))  # fmt: skip
-    config = yaml.safe_load(result.stdout)
+    config = printed_config("fit", "-c", str(common), "-c", str(PIXELVAE / f"{row}.yaml"))
     model, options = ROWS[row]
     assert config["model"]["class_path"] == f"lightning_modules.{model}"
     assert has_options(config["model"]["init_args"], options)
@@ -51,9 +49,7 @@ def test_table1_configs_parse(row, tmp_path):
 )
 def test_fig5_configs_parse_with_a_2d_latent_on_labelled_dynamic_mnist(name, options, tmp_path):
     common = PIXELVAE / "_mnist_common.yaml"
-    result = ok(arvae("fit", "-c", str(common), "-c", str(PIXELVAE / f"{name}.yaml"),
-                      "--print_config", cwd=tmp_path))  # fmt: skip
-    config = yaml.safe_load(result.stdout)
+    config = printed_config("fit", "-c", str(common), "-c", str(PIXELVAE / f"{name}.yaml"))
     assert has_options(config["model"]["init_args"], options)
     assert config["data"]["init_args"]["binarization"] == "dynamic"
     assert config["latent_map"]["k"] == 5
@@ -74,8 +70,7 @@ def sweep_command(path: Path) -> tuple[list[str], str, object]:
 def test_sweep_commands_parse_with_their_parameter(name, tmp_path):
     args, param, value = sweep_command(REPO / "experiments" / "sweeps" / f"{name}.yaml")
     # the sweep's relative config paths are relative to the repository root
-    result = ok(arvae(*args, "--print_config", cwd=REPO))
-    config = yaml.safe_load(result.stdout)
+    config = printed_config(*args, cwd=REPO)
     section, _, key = param.partition(".init_args.")
     assert hparam(config[section]["init_args"], key) == value
     assert config["test_after_fit"] is True
@@ -98,7 +93,7 @@ def test_natural_image_configs_parse_and_build(name, tmp_path):
     sizes, datamodule, size = NATURAL[name]
     configs = ["_natural_common", sizes, name]
     args = [a for c in configs for a in ("-c", str(PIXELVAE / f"{c}.yaml"))]
-    config = yaml.safe_load(ok(arvae("fit", *args, "--print_config", cwd=tmp_path)).stdout)
+    config = printed_config("fit", *args)
     assert config["data"]["class_path"] == f"datamodules.{datamodule}"
     assert config["data"]["init_args"]["batch_size"] == 48
     assert config["trainer"]["max_steps"] == 400_000
@@ -111,7 +106,7 @@ def test_natural_image_configs_parse_and_build(name, tmp_path):
 
 def test_cifar10_smoke_config_uses_the_shipped_sample(tmp_path):
     smoke = str(PIXELVAE / "cifar10_smoke.yaml")
-    config = yaml.safe_load(ok(arvae("fit", "-c", smoke, "--print_config", cwd=tmp_path)).stdout)
+    config = printed_config("fit", "-c", smoke)
     assert config["data"]["init_args"]["sample"] is True
     assert config["model"]["class_path"] == "lightning_modules.HierarchicalPixelVAE"
 
@@ -134,7 +129,7 @@ VLAE_ABLATIONS = {  # ablation overlay -> the switches it sets
 
 def vlae_config(tmp_path: Path, *names: str) -> dict:
     args = [a for n in ("_common", *names) for a in ("-c", str(VLAE_DIR / f"{n}.yaml"))]
-    return yaml.safe_load(ok(arvae("fit", *args, "--print_config", cwd=tmp_path)).stdout)
+    return printed_config("fit", *args)
 
 
 @pytest.mark.parametrize("name", sorted(VLAE_DATASETS))

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from test_cli import REPO, arvae, cli_env, finish, ok, read_report, spawn
+from test_cli import REPO, cli_env, finish, printed_config, read_report, spawn
 from test_resume import RUN, metric_steps
 
 TEMPLATES = REPO / "experiments" / "slurm"
@@ -79,7 +78,7 @@ def test_templates_request_the_signal_and_requeue_and_parse_with_the_cli(templat
     assert re.search(r"^#SBATCH --requeue$", text, re.M)
     args = srun_command(template)
     assert args[-2:] == ["--ckpt_path", "last"]
-    config = yaml.safe_load(ok(arvae("fit", *RUN, *args, "--print_config", cwd=tmp_path)).stdout)
+    config = printed_config("fit", *RUN, *args)
     assert config["trainer"]["strategy"] == "ddp" and config["trainer"]["accelerator"] == "cpu"
     assert config["ckpt_path"] == "last"
 
