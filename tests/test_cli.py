@@ -161,6 +161,8 @@ def printed_config(*args: str, cwd: Path | None = None) -> dict:
     """The config `arvae *args --print_config` prints, parsed in this process (a quarter of
     a second, where a subprocess spends ~5 s importing); ``cwd`` for relative paths."""
     out, here = io.StringIO(), os.getcwd()
+    if str(REPO) not in sys.path:  # class paths such as tests.tiny_data.TinyBinary
+        sys.path.insert(0, str(REPO))
     try:
         os.chdir(cwd or here)
         with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_:

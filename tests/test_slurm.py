@@ -78,7 +78,7 @@ def test_templates_request_the_signal_and_requeue_and_parse_with_the_cli(templat
     assert re.search(r"^#SBATCH --requeue$", text, re.M)
     args = srun_command(template)
     assert args[-2:] == ["--ckpt_path", "last"]
-    config = printed_config("fit", *RUN, *args)
+    config = printed_config("fit", *RUN, *args, cwd=tmp_path)
     assert config["trainer"]["strategy"] == "ddp" and config["trainer"]["accelerator"] == "cpu"
     assert config["ckpt_path"] == "last"
 
