@@ -99,9 +99,10 @@ def train(model, optimizer, x, steps, seed, every, label, batch_size) -> float:
         loss.backward()
         optimizer.step()
         if step % every == 0 or step == steps:
+            kl = float(terms["kl/z"].detach().mean())
             bpd = float(model.nelbo(terms).detach().mean()) / (model.dims * math.log(2))
-            print(f"  {label} step {step:5d}: train KL {float(terms['kl/z'].detach().mean()):8.2f} nats,"
-                  f" -ELBO {bpd:.3f} bits/dim", flush=True)  # fmt: skip
+            print(f"  {label} step {step:5d}: train KL {kl:8.2f} nats, -ELBO {bpd:.3f} bits/dim",
+                  flush=True)  # fmt: skip
     return time.perf_counter() - start
 
 
@@ -125,7 +126,7 @@ def main(args) -> None:
     )
     print(f"  {seconds:.0f} s; held out: {evaluate(model, test_x)}")
     results = {}
-    for label, lam, weight in (("with", 2.0, 1.0), ("dropped", 1.0, 0.0)):
+    for label, lam, weight in (("on", 2.0, 1.0), ("dropped", 1.0, 0.0)):
         run = copy.deepcopy(model)
         run.lam, run.auxiliary_weight = lam, weight
         opt = torch.optim.Adamax(run.parameters(), lr=args.lr)
