@@ -53,7 +53,7 @@ class GuidedSamples(ImageCallback):
             x = self.originals.to(pl_module.device)
             f = pl_module.vae_output(pl_module.encode(x)[0])
             y = pl_module.aux_likelihood.network_input(pl_module.aux_image(x))
-            columns = [x / 255.0, *(unit(pl_module, v) for v in (y, f))]
+            columns = [pl_module.to_unit_range(x), *(unit(pl_module, v) for v in (y, f))]
             columns += self._draws(pl_module, f, generator)
             paths.append(self._save(columns, folder / f"guided_reconstructions_{tag}.png"))
         if self.n_prior:
@@ -70,7 +70,7 @@ class GuidedSamples(ImageCallback):
             return []
         many = f.repeat_interleave(self.n_draws, 0)
         noise = pl_module.likelihood.noise((len(many), *pl_module.image_shape), generator)
-        drawn = pl_module.decode(many, noise) / 255.0
+        drawn = pl_module.to_unit_range(pl_module.decode(many, noise))
         return list(drawn.unflatten(0, (len(f), self.n_draws)).unbind(1))
 
     @staticmethod

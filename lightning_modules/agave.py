@@ -25,10 +25,8 @@ is a term of the loss only (an ``auxiliary`` term).
 
 import math
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
@@ -44,8 +42,8 @@ from .backbone import (
 )
 from .backbone.embedding_net import EmbeddingNet
 from .backbone.flows import standard_normal_log_prob
-from .backbone.pixelcnnpp import sampling_rows
-from .base import ImageModel
+from .backbone.pixelcnnpp import sampling_canvas
+from .base import ImageModel, saved_weights
 from .likelihoods import (
     DiagonalGaussian,
     DiscretizedLogistic,
@@ -176,11 +174,8 @@ class AGAVE(ImageModel):
         step > 0, has its own); they include the data-dependent init's flag."""
         if not self.init_checkpoint or self.global_step > 0:
             return
-        path = Path(self.init_checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"init_checkpoint: no checkpoint at {path}")
-        state = torch.load(path, map_location="cpu", weights_only=False).get("state_dict", {})
-        mine = self.state_dict()
+        path = self.init_checkpoint
+        state, mine = saved_weights(path, "init_checkpoint"), self.state_dict()
         if set(state) != set(mine) or any(state[k].shape != v.shape for k, v in mine.items()):
             missing, extra = sorted(set(mine) - set(state))[:3], sorted(set(state) - set(mine))[:3]
             raise ValueError(
@@ -294,9 +289,10 @@ class AGAVE(ImageModel):
         """Weight norm's init of the VAE, then of ``cond_net`` and the PixelCNN++ on its f(z)
         (z = the posterior mean), whatever the phase, so that the blocks' maps start scaled
         for the f(z) they will see."""
-        vae = nn.ModuleList([self.encoder, self.decoder])
-        data_dependent_init_(vae, lambda: self.vae_output(self.encode(x)[0]))
-        f = self.vae_output(self.encode(x)[0])
+        vae, out = nn.ModuleList([self.encoder, self.decoder]), []
+        # the init pass outputs what the initialized layers do: f(z) needs no second pass
+        data_dependent_init_(vae, lambda: out.append(self.vae_output(self.encode(x)[0])))
+        f = out[0]
         if self.cond_net is not None:
             self.cond_net.init_from_data(self.upsampled(f))
         self.pixelcnn.init_from_data(self.likelihood.network_input(x), None, self.condition(f))
@@ -315,9 +311,8 @@ class AGAVE(ImageModel):
         height = self.image_shape[1]
 
         def params(x_rows: torch.Tensor, rows: slice) -> torch.Tensor:
-            crop = sampling_rows(self.pixelcnn, x_rows.shape[2], height)
-            canvas = F.pad(x_rows, (0, 0, 0, crop - x_rows.shape[2]))
-            return self.pixel_params(canvas, cond[:, :, :crop])[:, :, rows]
+            canvas, cropped = sampling_canvas(self.pixelcnn, x_rows, height, cond)
+            return self.pixel_params(canvas, cropped)[:, :, rows]
 
         lik = self.likelihood
         shape = (f.shape[0], *self.image_shape)

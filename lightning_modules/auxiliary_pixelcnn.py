@@ -43,8 +43,8 @@ from .backbone import (
     sample_autoregressive,
 )
 from .backbone.embedding_net import EmbeddingNet
-from .backbone.pixelcnnpp import sampling_rows
-from .base import ImageModel
+from .backbone.pixelcnnpp import sampling_canvas, sampling_rows
+from .base import ImageModel, saved_weights
 from .likelihoods import Categorical, DiscretizedLogisticMixture, Likelihood
 from .views import View
 
@@ -232,10 +232,9 @@ class AuxiliaryPixelCNN(ImageModel):
         its coarsest stream's stride (zeros below: causal), so that every coarser cell above
         averages the rows it does in training and the outputs are exactly the full image's;
         the whole height for a map of another resolution."""
-        height = self.level_shapes[level][1]
-        if cond is not None and cond.shape[2] != height:
-            return height
-        return sampling_rows(self.nets[self.level_names[level]], rows, height)
+        return sampling_rows(
+            self.nets[self.level_names[level]], rows, self.level_shapes[level][1], cond
+        )
 
     def sample_level(
         self,
@@ -254,9 +253,8 @@ class AuxiliaryPixelCNN(ImageModel):
         cond = None if coarser is None else self.embed(name, coarser.to(self.device), level)
 
         def params(x_rows: torch.Tensor, rows: slice) -> torch.Tensor:
-            crop = self.sampler_crop(level, x_rows.shape[2], cond)
-            canvas = torch.nn.functional.pad(x_rows, (0, 0, 0, crop - x_rows.shape[2]))
-            cropped = None if cond is None else cond[:, :, :crop]
+            net, height = self.nets[name], self.level_shapes[level][1]
+            canvas, cropped = sampling_canvas(net, x_rows, height, cond)
             return self.factor_params(level, canvas, cropped)[:, :, rows]
 
         lik = self.likelihoods[level]
@@ -309,12 +307,7 @@ class AuxiliaryPixelCNN(ImageModel):
                 raise ValueError(
                     f"factor_checkpoints: {name!r} is not a level of {self.level_names}"
                 )
-            try:
-                saved = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-            except FileNotFoundError as error:
-                raise FileNotFoundError(
-                    f"factor_checkpoints[{name!r}]: no checkpoint at {path}"
-                ) from error
+            saved = saved_weights(path, f"factor_checkpoints[{name!r}]")
             prefixes = (f"nets.{name}.", f"embeddings.{name}.")
             mine = {k for k in state_dict if k.startswith(prefixes)}
             theirs = {k for k in saved if k.startswith(prefixes)}

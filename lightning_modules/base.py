@@ -382,7 +382,7 @@ class ImageModel(L.LightningModule):
             raise KeyError(
                 f"{type(self).__name__}.elbo_terms returned undeclared terms {undeclared} and"
                 f" lacks the declared bound terms {missing}: every term must be declared in"
-                f" term_kinds as 'bound', 'kl' or 'diagnostic' (declared: {kinds})"
+                f" term_kinds as one of {TermKind.__args__} (declared: {kinds})"
             )
         unknown = sorted(k for k, kind in kinds.items() if kind not in TermKind.__args__)
         if unknown:
@@ -613,6 +613,15 @@ class ImageModel(L.LightningModule):
 
     def test_step(self, batch, batch_idx):
         self._evaluate("test", batch)
+
+
+def saved_weights(path: str | os.PathLike, option: str) -> dict[str, torch.Tensor]:
+    """The ``state_dict`` of the checkpoint at ``path``, which the model option ``option``
+    names (weights taken from another run); a missing file is named with that option."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{option}: no checkpoint at {path}") from error
 
 
 @functools.cache

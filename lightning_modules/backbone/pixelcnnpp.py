@@ -66,14 +66,26 @@ def resize_map(cond_map: torch.Tensor, size: Size) -> torch.Tensor:
     return cond_map[:, :, : size[0], : size[1]]
 
 
-def sampling_rows(net: nn.Module, rows: int, height: int) -> int:
+def sampling_rows(net: nn.Module, rows: int, height: int, cond: torch.Tensor | None = None) -> int:
     """How many canvas rows a network runs on when sampling gives the exact outputs of its
     first ``rows`` rows: ``rows`` up to a multiple of its coarsest stream's stride (the canvas
     padded with zeros below, which the causal streams never see), so that every coarser cell
     and every pooled cell of a conditioning map covers the rows it does on the whole image;
-    at most ``height``. About half the canvas per pixel on average instead of all of it."""
+    at most ``height``, and ``height`` for a map ``cond`` of another height than the image's.
+    About half the canvas per pixel on average instead of all of it."""
+    if cond is not None and cond.shape[2] != height:
+        return height
     block = 2 ** (getattr(net, "resolutions", 1) - 1)
     return min(height, -(-rows // block) * block)
+
+
+def sampling_canvas(net: nn.Module, x_rows: torch.Tensor, height: int, cond=None):
+    """The canvas rows ``x_rows`` (the rows drawn so far) padded with zero rows to
+    :func:`sampling_rows`, and the conditioning map cropped to as many rows (None stays
+    None): what ``net`` runs on to give the exact parameters of those rows."""
+    crop = sampling_rows(net, x_rows.shape[2], height, cond)
+    canvas = F.pad(x_rows, (0, 0, 0, crop - x_rows.shape[2]))
+    return canvas, None if cond is None else cond[:, :, :crop]
 
 
 class ShiftedConv2d(nn.Conv2d):
