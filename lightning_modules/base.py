@@ -332,10 +332,14 @@ class ImageModel(L.LightningModule):
             self.register_buffer("initialized", torch.tensor(False))
         return net
 
-    def sample_pixels(self, n: int, params_fn, context_rows: int, noise=None) -> torch.Tensor:
+    def sample_pixels(
+        self, n: int, params_fn, context_rows: int, noise=None, cache=None
+    ) -> torch.Tensor:
         """n images drawn from this model's likelihood pixel by pixel (R -> G -> B within a
         pixel) with ``params_fn(x_rows, rows)`` giving the parameters of those canvas rows;
-        each row sees ``context_rows`` rows above it (the PixelCNN's receptive field)."""
+        each row sees ``context_rows`` rows above it (the PixelCNN's receptive field).
+        ``cache(canvas)``: the pixel network's cached sampler (``sampling_cache``), used
+        instead of ``params_fn`` where the network has one."""
         return sample_autoregressive(
             params_fn,
             self.likelihood.sample,
@@ -344,6 +348,7 @@ class ImageModel(L.LightningModule):
             noise=noise,
             sequential_channels=self.likelihood.sequential_channels,
             context_rows=context_rows,
+            cache=cache,
         )
 
     def iwae_chunk(self, batch: int) -> int:

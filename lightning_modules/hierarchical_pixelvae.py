@@ -333,6 +333,7 @@ class HierarchicalPixelVAE(ImageModel):
             noise=eps,
             sequential_channels=self.latent_likelihood.sequential_channels,
             context_rows=prior.receptive_rows,
+            cache=lambda z: prior.sampling_cache(lambda v: v, z, None, cond),
         )
 
     @torch.no_grad()
@@ -346,6 +347,7 @@ class HierarchicalPixelVAE(ImageModel):
             lambda x, rows: self.pixel_params(x, cond[:, :, rows]),
             self.pixelcnn.receptive_rows,
             noise,
+            cache=lambda x: self.pixelcnn.sampling_cache(self.dec_embed, x, None, cond),
         )
 
     @torch.no_grad()

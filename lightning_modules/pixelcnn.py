@@ -42,5 +42,9 @@ class PixelCNN(ImageModel):
     def sample(self, n: int, noise: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         x_noise = None if noise is None else noise["x"]
         return self.sample_pixels(
-            n, lambda x, rows: self.params(x), self.net.receptive_rows, x_noise
+            n,
+            lambda x, rows: self.params(x),
+            self.net.receptive_rows,
+            x_noise,
+            cache=lambda x: self.net.sampling_cache(self.likelihood.network_input, x),
         )

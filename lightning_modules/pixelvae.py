@@ -141,6 +141,9 @@ class PixelVAE(ImageModel):
             lambda x, rows: self.pixel_params(x, (vec, None if cmap is None else cmap[:, :, rows])),
             self.pixelcnn.receptive_rows,
             noise,
+            cache=lambda x: self.pixelcnn.sampling_cache(
+                self.likelihood.network_input, x, vec, cmap
+            ),
         )
 
     def sample_noise(self, n: int, generator: torch.Generator | None = None):

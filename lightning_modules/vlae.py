@@ -219,6 +219,9 @@ class VLAE(ImageModel):
             ),
             self.pixelcnn.receptive_rows,
             noise,
+            cache=lambda x: self.pixelcnn.sampling_cache(
+                self.likelihood.network_input, x, None, cond_map
+            ),
         )
 
     def sample_noise(self, n: int, generator: torch.Generator | None = None):

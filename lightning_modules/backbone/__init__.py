@@ -27,6 +27,7 @@ from .pixel_embedding import PixelEmbedding
 from .pixelcnnpp import PixelCNNppNet
 from .plain_pixelcnn import PlainPixelCNN
 from .resnet import ResBlock, from_vector, n_halvings, resnet, to_vector
+from .sampling_cache import PixelCache, reference_sampling
 from .weight_norm import data_dependent_init_, weight_norm_, weight_norm_masked_
 
 __all__ = [
@@ -65,6 +66,8 @@ __all__ = [
     "to_vector",
     "weight_norm_masked_",
     "zero_init_",
+    "PixelCache",
+    "reference_sampling",
     "sample_autoregressive",
     "shift_down",
     "shrink_init_",

@@ -7,8 +7,11 @@ from contextvars import ContextVar
 import torch
 from tqdm.auto import tqdm
 
+from .sampling_cache import PixelCache, caching_enabled
+
 ParamsFn = Callable[[torch.Tensor, slice], torch.Tensor]
 SampleFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+CacheFn = Callable[[torch.Tensor], PixelCache | None]
 _progress: ContextVar[tuple[str, Callable[[], None]] | None] = ContextVar("progress", default=None)
 
 
@@ -34,6 +37,7 @@ def sample_autoregressive(
     sequential_channels: bool = True,
     context_rows: int | None = None,
     at_position: bool = False,
+    cache: CacheFn | None = None,
 ) -> torch.Tensor:
     """Fill an all-zero (B, C, H, W) canvas one position at a time, in raster order.
 
@@ -49,8 +53,14 @@ def sample_autoregressive(
     the earlier positions). ``at_position``: ``sample_fn`` is called as
     ``sample_fn(params, noise, canvas, i, j)``, for draws constrained by what is already drawn
     (a deterministic view of the image to keep).
+
+    ``cache(canvas)``: the network's :class:`~.sampling_cache.PixelCache` for this canvas
+    (``PixelDecoder.sampling_cache``; None where the network has none), which gives the
+    same parameters as ``params_fn`` at one position's cost; ignored inside
+    :func:`~.sampling_cache.reference_sampling`.
     """
     x = torch.zeros(shape, device=device)
+    cached = cache(x) if cache is not None and caching_enabled() else None
     _, channels, height, width = shape
 
     groups = [[c] for c in range(channels)] if sequential_channels else [list(range(channels))]
@@ -68,7 +78,11 @@ def sample_autoregressive(
         for j in range(width):
             position = noise[:, :, i : i + 1, j : j + 1] if noise is not None else None
             for group in groups:
-                params = params_fn(x[:, :, rows], rows)[:, :, -1:, j : j + 1]
+                params = (
+                    cached.params(x, i, j)
+                    if cached is not None
+                    else params_fn(x[:, :, rows], rows)[:, :, -1:, j : j + 1]
+                )
                 draw = (
                     sample_fn(params, position, x, i, j)
                     if at_position

@@ -6,12 +6,26 @@ Conditioning, both ways PixelVAE uses it (Gulrajani et al. 2017, Table 1):
   through 1x1 convolutions (it may see every position: it carries no pixel information).
 """
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .init import he_init_
 from .masked_conv import HorizontalConv2d, MaskedConv2d, VerticalConv2d, shift_down
 from .pixel_decoder import PixelDecoder
+from .sampling_cache import (
+    Canvas,
+    CausalConvAt,
+    InputFn,
+    PixelCache,
+    Pointwise,
+    at,
+    conditioning_bias,
+    effective_weight,
+    row_of,
+)
 
 
 def gate(x: torch.Tensor) -> torch.Tensor:
@@ -166,3 +180,92 @@ class GatedPixelCNN(PixelDecoder):
         for block in self.blocks:
             v, h = block(v, h, cond_vec, cond_map)
         return self.head(h, cond_vec, cond_map)
+
+    def sampling_cache(
+        self,
+        input_fn: InputFn,
+        x: torch.Tensor,
+        cond_vec: torch.Tensor | None = None,
+        cond_map: torch.Tensor | None = None,
+    ) -> "GatedCache":
+        self.check_conditioning(cond_vec, cond_map)
+        return GatedCache(self, input_fn, x, cond_vec, cond_map)
+
+
+@dataclass
+class _CachedBlock:
+    """One GatedBlock's parts and maps in a :class:`GatedCache`."""
+
+    block: GatedBlock
+    v_in: Canvas  # the vertical stack's input (the image, or the block below's v)
+    h_in: Canvas  # the horizontal stack's input
+    v_out: Canvas | None  # the next block's inputs (None after the last block)
+    h_out: Canvas | None
+    v_weight: torch.Tensor
+    h_conv: CausalConvAt
+    h_1x1: Pointwise
+    v_bias: torch.Tensor | float  # the conditioning of each gate
+    h_bias: torch.Tensor | float
+    h_row: torch.Tensor | None = None  # (B, 2C, W): the vertical stack's share of this row
+
+
+class GatedCache(PixelCache):
+    """GatedPixelCNN one position at a time: at the start of row i every block's vertical
+    stack computes row i - 1 (what reaches row i through ``shift_down``), then each pixel
+    runs the horizontal stacks and the head at that pixel only."""
+
+    def __init__(self, net: GatedPixelCNN, input_fn: InputFn, x, cond_vec, cond_map) -> None:
+        pads = [block.v_conv.kernel_size[1] // 2 for block in net.blocks]
+        super().__init__(input_fn, x, net.in_channels, pads[0])
+        v_in = h_in = self.inputs
+        self.blocks = []
+        for k, block in enumerate(net.blocks):
+            size = (block.h_out.out_channels, self.height, self.width)
+            v_out, h_out = (
+                (None, None)
+                if k == len(net.blocks) - 1
+                else (Canvas(x, *size, pads[k + 1]), Canvas(x, *size, pads[k + 1]))
+            )
+            self.blocks.append(
+                _CachedBlock(
+                    block,
+                    v_in,
+                    h_in,
+                    v_out,
+                    h_out,
+                    effective_weight(block.v_conv),
+                    CausalConvAt(block.h_conv),
+                    Pointwise(block.h_out),
+                    0.0
+                    if block.v_cond is None
+                    else conditioning_bias(block.v_cond, cond_vec, cond_map),
+                    conditioning_bias(block.h_cond, cond_vec, cond_map),
+                )
+            )
+            v_in, h_in = v_out, h_out
+        self.head = [
+            (Pointwise(conv), conditioning_bias(cond, cond_vec, cond_map))
+            for conv, cond in zip(net.head.convs, net.head.conds, strict=True)
+        ]
+        self.out = Pointwise(net.head.out)
+
+    def start_row(self, i: int) -> None:
+        for b in self.blocks:
+            if i == 0:  # shift_down brings zeros into the first row
+                v_pre = b.v_in.data.new_zeros(self.batch, b.v_weight.shape[0], 1, self.width)
+            else:
+                v_pre = F.conv2d(b.v_in.rows(i - 1, b.v_in.pad), b.v_weight, b.block.v_conv.bias)
+                if b.v_out is not None:
+                    b.v_out.set_row(i - 1, gate(v_pre + row_of(b.v_bias, i - 1))[:, :, 0])
+            b.h_row = (b.block.v_to_h(v_pre) + row_of(b.h_bias, i))[:, :, 0]
+
+    def at(self, i: int, j: int) -> torch.Tensor:
+        h = None
+        for b in self.blocks:
+            new = b.h_1x1(gate(b.h_conv(b.h_in, i, j) + b.h_row[:, :, j]))
+            h = h + new if b.block.residual else new
+            if b.h_out is not None:
+                b.h_out.set(i, j, h)
+        for conv, bias in self.head:
+            h = gate(conv(h) + at(bias, i, j))
+        return self.out(h)

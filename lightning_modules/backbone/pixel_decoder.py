@@ -33,7 +33,9 @@ class PixelDecoder(nn.Module):
 
     ``receptive_rows``: how many rows above a pixel its output can depend on, or None for
     the whole image; sampling gives the network only those rows of the canvas (exact, and
-    most of the compute saved for a small field). ``init_from_data`` is a network's
+    most of the compute saved for a small field). ``sampling_cache`` is the fast sampler:
+    the network evaluated one position at a time on stored layer maps (None: a network
+    without one, sampled by whole forward passes). ``init_from_data`` is a network's
     data-dependent initialization, run by the model on its first training batch when
     ``needs_data_init`` is set.
     """
@@ -71,6 +73,18 @@ class PixelDecoder(nn.Module):
                 raise ValueError(
                     f"{type(self).__name__}: {name} built for {dim} channels (0: none), got {got}"
                 )
+
+    def sampling_cache(
+        self,
+        input_fn,
+        x: torch.Tensor,
+        cond_vec: torch.Tensor | None = None,
+        cond_map: torch.Tensor | None = None,
+    ):
+        """A :class:`~.sampling_cache.PixelCache` for sampling the canvas x (its shape and
+        device) position by position, ``input_fn`` the model's per-pixel data-to-input
+        transform; None when this network has no cached sampler."""
+        return None
 
     def init_from_data(
         self,
