@@ -316,8 +316,15 @@ class AGAVE(ImageModel):
 
         lik = self.likelihood
         shape = (f.shape[0], *self.image_shape)
-        return sample_autoregressive(params, lik.sample, shape, self.device, noise,
-                                     lik.sequential_channels)  # fmt: skip
+        return sample_autoregressive(
+            params,
+            lik.sample,
+            shape,
+            self.device,
+            noise,
+            lik.sequential_channels,
+            cache=lambda x: self.pixelcnn.sampling_cache(lik.network_input, x, None, cond),
+        )
 
     @torch.no_grad()
     def sample(self, n: int, noise: dict[str, torch.Tensor] | None = None) -> torch.Tensor:

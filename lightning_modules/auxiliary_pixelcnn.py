@@ -247,20 +247,23 @@ class AuxiliaryPixelCNN(ImageModel):
         """X_level drawn pixel by pixel given X_level+1 (``coarser``; None for the base);
         ``rows``: only the first rows (what a benchmark times)."""
         name = self.level_names[level]
-        shape = (n, *self.level_shapes[level])
+        shape = full = (n, *self.level_shapes[level])
         if rows is not None:
             shape = (*shape[:2], rows, shape[3])
         cond = None if coarser is None else self.embed(name, coarser.to(self.device), level)
+        lik = self.likelihoods[level]
+
+        def cache(x: torch.Tensor):  # on the whole level's canvas: the first rows are exact
+            return self.nets[name].sampling_cache(lik.network_input, x.new_zeros(full), None, cond)
 
         def params(x_rows: torch.Tensor, rows: slice) -> torch.Tensor:
             net, height = self.nets[name], self.level_shapes[level][1]
             canvas, cropped = sampling_canvas(net, x_rows, height, cond)
             return self.factor_params(level, canvas, cropped)[:, :, rows]
 
-        lik = self.likelihoods[level]
         if coarser is None:
             return sample_autoregressive(
-                params, lik.sample, shape, self.device, noise, lik.sequential_channels
+                params, lik.sample, shape, self.device, noise, lik.sequential_channels, cache=cache
             )
         view, coarser = self.views[level], coarser.to(self.device)
 
@@ -269,7 +272,14 @@ class AuxiliaryPixelCNN(ImageModel):
             return lik.sample(pixel_params, pixel_noise, bounds=bounds)
 
         return sample_autoregressive(
-            params, keep_view, shape, self.device, noise, lik.sequential_channels, at_position=True
+            params,
+            keep_view,
+            shape,
+            self.device,
+            noise,
+            lik.sequential_channels,
+            at_position=True,
+            cache=cache,
         )
 
     @torch.no_grad()

@@ -3,14 +3,25 @@ each position, the parameters of its full forward pass from a canvas filled only
 position, and every model that samples through it draws the same images from the same
 noise as the uncached reference."""
 
+import functools
+
 import pytest
 import torch
-from decoders import gated, local, plain
+from decoders import gated, local, pixelcnnpp, plain
 from tiny_data import TinyBinary
 
-from lightning_modules import VLAE, HierarchicalPixelVAE, PixelCNN, PixelVAE
-from lightning_modules.backbone import reference_sampling
-from lightning_modules.likelihoods import Categorical
+from lightning_modules import (
+    AGAVE,
+    VLAE,
+    AuxiliaryPixelCNN,
+    HierarchicalPixelVAE,
+    PixelCNN,
+    PixelVAE,
+)
+from lightning_modules.backbone import EmbeddingNet, PixelCNNppNet, reference_sampling
+from lightning_modules.backbone.pixelcnnpp import sampling_canvas
+from lightning_modules.likelihoods import Categorical, DiscretizedLogisticMixture
+from lightning_modules.views import Grayscale, HalfResolution
 
 torch.set_num_threads(2)
 
@@ -145,3 +156,112 @@ def test_hierarchical_pixelvae_samples_latent_maps_and_pixels_like_the_reference
     perturbed_(model.pixelcnn)
     perturbed_(model.priors[0], scale=0.1)
     same_draws(model, model.pixelcnn, model.priors[0], n=2)
+
+
+# ------------------------------------------------------------------ PixelCNN++
+@pytest.mark.parametrize(
+    "size, resolutions, nr_resnet, cond_vec, map_size",
+    [
+        ((9, 7), 3, 1, 3, (9, 7)),  # odd sizes: ceil-halved streams, a map at the image's size
+        ((8, 8), 3, 2, 0, None),
+        ((5, 6), 1, 1, 0, (5, 6)),  # the Pyramid PixelCNN's light network
+        ((11, 9), 2, 1, 0, (3, 3)),  # a coarser map, repeated up to each stream
+    ],
+)
+def test_the_pixelcnnpp_cache_gives_the_full_forward_pass(
+    size, resolutions, nr_resnet, cond_vec, map_size
+):
+    """Both streams at every resolution, cells of the coarser ones computed at the first
+    pixel they feed: equal to the network's forward pass at every position (float64)."""
+    cond_map = 0 if map_size is None else 2
+    net = PixelCNNppNet(
+        3, 10, 1, cond_vec, cond_map, nr_resnet=nr_resnet, channels=8, dropout=0.5,
+        resolutions=resolutions,
+    )  # fmt: skip
+    net = perturbed_(net).double().eval()  # eval: no dropout, as sampling runs
+    b, (h, w) = 2, size
+    x = torch.randn(b, 3, h, w, dtype=torch.float64)
+    vec = torch.randn(b, cond_vec, dtype=torch.float64) if cond_vec else None
+    cmap = None if map_size is None else torch.randn(b, 2, *map_size, dtype=torch.float64)
+    with torch.no_grad():
+        full = net(x, vec, cmap)
+    canvas = torch.full_like(x, 7.0)
+    cache = net.sampling_cache(lambda v: v, canvas, vec, cmap)
+    for i in range(h):
+        for j in range(w):
+            torch.testing.assert_close(
+                cache.params(canvas, i, j)[:, :, 0, 0], full[:, :, i, j], rtol=1e-9, atol=1e-9
+            )
+            canvas[:, :, i, j] = x[:, :, i, j]
+
+
+NET = pixelcnnpp(nr_resnet=1, channels=8, dropout=0.0)
+MIXTURE = dict(likelihood=DiscretizedLogisticMixture(n_mix=2))
+
+
+def colour_images(shape, n=4) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 256, (n, *shape), generator=g).float()
+
+
+def initialized_(model, x: torch.Tensor):
+    """The data-dependent init, then every weight perturbed."""
+    model.data_dependent_init(x)
+    return perturbed_(model, scale=0.1)
+
+
+def test_pixelcnnpp_samples_equal_the_reference():
+    torch.manual_seed(0)
+    model = PixelCNN(image_shape=(3, 7, 5), data_kind="8bit", pixelcnn=NET, **MIXTURE)
+    initialized_(model, colour_images((3, 7, 5)))
+    draws = same_draws(model, model.net)
+    assert draws.unique().numel() > 20
+
+
+def test_grayscale_and_pyramid_pixelcnns_sample_and_colourize_like_the_reference():
+    """Each level's network cached, the sampler keeping the coarser view (bounded draws)."""
+    torch.manual_seed(0)
+    embed = functools.partial(EmbeddingNet, n_blocks=3, channels=6, dropout=0.0)
+    grayscale = AuxiliaryPixelCNN(
+        views=[Grayscale()], image_shape=(3, 7, 5), base=NET, conditional=NET,
+        embedding=functools.partial(embed, down_after=[1], up_after=[2]),
+        **MIXTURE,
+    )  # fmt: skip
+    x = colour_images((3, 7, 5))
+    initialized_(grayscale, x).eval()
+    same_draws(grayscale, *grayscale.nets.values())
+    views = grayscale.views_of(x)[1]
+    torch.manual_seed(2)  # colourize draws its noise from the global generator
+    cached = grayscale.colourize(views, n_colourings=2)
+    with reference_sampling():
+        torch.manual_seed(2)
+        assert torch.equal(grayscale.colourize(views, n_colourings=2), cached)
+    pyramid = AuxiliaryPixelCNN(
+        views=[HalfResolution(), HalfResolution()], image_shape=(3, 9, 7),
+        base=pixelcnnpp(nr_resnet=1, channels=8, dropout=0.0, resolutions=1),
+        conditional=pixelcnnpp(nr_resnet=1, channels=8, dropout=0.0, resolutions=1),
+        embedding=functools.partial(embed, down_after=[1], up_after=[2, 3], n_blocks=4),
+        **MIXTURE,
+    )  # fmt: skip
+    initialized_(pyramid, colour_images((3, 9, 7)))
+    same_draws(pyramid, *pyramid.nets.values())
+
+
+def test_agave_decodes_like_the_reference():
+    torch.manual_seed(0)
+    model = AGAVE(image_shape=(3, 8, 8), latent_channels=2, width=8, blocks=1, pixelcnn=NET,
+                  aux_downsamplings=1, **MIXTURE)  # fmt: skip
+    initialized_(model, colour_images((3, 8, 8)))
+    same_draws(model, model.pixelcnn, n=2)
+
+
+def test_the_reference_sampler_keeps_a_conditioning_map_of_another_height_whole():
+    """An embedding map larger than the image (8 x 6 for 7 x 5) is resized by the network as
+    in training; cropping it to the image's rows changed every coarser cell (found by the
+    parity test above)."""
+    net = PixelCNNppNet(3, 10, 1, 0, 2, nr_resnet=1, channels=4)
+    cond = torch.randn(1, 2, 8, 6)
+    canvas, cropped = sampling_canvas(net, torch.zeros(1, 3, 2, 5), 7, cond)
+    assert canvas.shape == (1, 3, 7, 5) and cropped is cond
+    canvas, cropped = sampling_canvas(net, torch.zeros(1, 3, 2, 5), 7, cond[:, :, :7])
+    assert canvas.shape == (1, 3, 4, 5) and cropped.shape == (1, 2, 4, 6)
