@@ -358,31 +358,42 @@ class PixelCNNppNet(PixelDecoder):
 class Rows:
     """The last two rows of a (B, C, h, w) stream map, all that PixelCNN++'s two-row
     kernels read, with ``left`` / ``right`` zero columns; rows above the map read zeros.
-    Row i lives in slot i % 2 (it replaces row i - 2, which nothing reads any more)."""
+    Slot 1 holds the current row, slot 0 the one above: moving on to the next row copies
+    the current one up (rows are visited in order; a position right of the last one set
+    still holds the row above's value, which no causal kernel reads)."""
 
     def __init__(self, like: torch.Tensor, channels: int, width: int, left: int, right: int):
-        self.left, self.width = left, width
+        self.left, self.width, self.row = left, width, -1
         self.data = like.new_zeros(like.shape[0], channels, 2, left + width + right)
 
+    def at_row(self, i: int) -> torch.Tensor:
+        """The two rows, moved on to row i (the current row or the next one)."""
+        if i != self.row:
+            if i != self.row + 1:
+                raise RuntimeError(f"rows are visited in order: row {i} after {self.row}")
+            self.data[:, :, 0] = self.data[:, :, 1]
+            self.row = i
+        return self.data
+
     def set(self, i: int, j: int, value: torch.Tensor) -> None:
-        self.data[:, :, i % 2, self.left + j] = value
+        self.at_row(i)[:, :, 1, self.left + j] = value
 
     def get(self, i: int, j: int) -> torch.Tensor:
-        return self.data[:, :, i % 2, self.left + j]
+        return self.at_row(i)[:, :, 1, self.left + j]
 
     def set_row(self, i: int, value: torch.Tensor) -> None:
         """Row i := value (B, C, 1, w)."""
-        self.data[:, :, i % 2, self.left : self.left + self.width] = value[:, :, 0]
+        self.at_row(i)[:, :, 1, self.left : self.left + self.width] = value[:, :, 0]
 
     def two(self, i: int) -> torch.Tensor:
         """Rows i - 1 and i with their padding columns: (B, C, 2, left + w + right)."""
-        return self.data[:, :, [(i - 1) % 2, i % 2]]
+        return self.at_row(i)
 
     def window(self, i: int, j: int, left: int, right: int) -> torch.Tensor:
         """Rows i - 1, i and columns j - left .. j + right, flattened as a weight's
         (C, rows, columns)."""
         a = self.left + j
-        window = self.data[:, :, [(i - 1) % 2, i % 2], a - left : a + right + 1]
+        window = self.at_row(i)[:, :, :, a - left : a + right + 1]
         return window.reshape(window.shape[0], -1)
 
 
