@@ -172,6 +172,7 @@ def load_peer(path: Path) -> types.SimpleNamespace:
     return types.SimpleNamespace(
         PixelCNN=peer_model.PixelCNN,
         loss=utils.discretized_mix_logistic_loss,
+        sample=utils.sample_from_discretized_mix_logistic,
         path=path,
         commit=commit,
     )

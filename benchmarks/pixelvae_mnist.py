@@ -134,7 +134,7 @@ def eval_seconds_per_image(args: argparse.Namespace, precision: str, x: torch.Te
     model = make_model(args).eval()
     b = x.shape[0]
     index = torch.arange(b)
-    k_probe = min(args.iwae_k, 2 * model.iwae_chunk(b))
+    k_probe = min(args.iwae_k, 2 * model.iwae_samples_per_pass(b))
     with autocast(precision):
         model.log_likelihood_bound(x[:2], 1)  # warm-up (allocator, oneDNN kernels)
     with autocast(precision), model.per_example_noise(index):

@@ -36,8 +36,22 @@ are fixed at 3x3 by its constructor (``--kernel 3`` gives arvae the same). Its p
 are not installed only the three files the network needs are loaded (``nn``, ``models/base``,
 ``models/autoregressive/gated_pixel_cnn``), unchanged, and the output says so.
 
+``--pixelcnnpp``: PixelCNN++ at the size of experiments/pixelcnnpp/cifar10.yaml (5 blocks
+per stage, 160 filters, 10 logistics, 3 resolutions) on 3x32x32 8-bit images, batch
+``--batch``: the cached sampler timed over a whole batch (``--pp-rounds``, default 1); the
+uncached one would run 1,024 forward passes (~40 min on 2 cores), so its time is predicted:
+one forward pass timed per canvas height h = 1..32 (the uncached sampler runs rows 0..i for
+each pixel of row i), total = width x the sum over h. Parity for PixelCNN++ is what
+tests/test_cached_sampling.py checks (same draws at odd sizes), not repeated here.
+``--pixel-cnn-pp PATH``: the peer pclucas14/pixel-cnn-pp (checkout outside this repository,
+loaded as benchmarks/pixelcnnpp_peer.py does), at the same size: its sampler (main.py's
+``sample``) runs the whole network on the whole canvas for every pixel and draws with its
+``sample_from_discretized_mix_logistic``; its time is predicted as H x W x one such step
+(every step costs the same), timed ``--peer-rounds`` times.
+
     python benchmarks/sampling_speed.py
     python benchmarks/sampling_speed.py --pytorch-generative /tmp/pytorch-generative
+    python benchmarks/sampling_speed.py --pixelcnnpp --pixel-cnn-pp /tmp/pixel-cnn-pp
     python benchmarks/sampling_speed.py --also-plain-local --rounds 5
 """
 
@@ -54,6 +68,7 @@ import types
 from collections.abc import Callable
 from pathlib import Path
 
+import pixelcnnpp_peer
 import torch
 from cpu_bench import cpu_flags
 
@@ -61,9 +76,11 @@ from lightning_modules import PixelCNN
 from lightning_modules.backbone import (
     GatedPixelCNN,
     LocalPixelCNN,
+    PixelCNNppNet,
     PlainPixelCNN,
     reference_sampling,
 )
+from lightning_modules.likelihoods import DiscretizedLogisticMixture
 
 IMAGE_SHAPE = (1, 28, 28)
 PEER_PACKAGES = {"pytorch_generative": "", "pytorch_generative.models": "models"}
@@ -201,6 +218,58 @@ def bench_peer(path: Path, args) -> list[dict]:
              "identical": None, "base": None}]  # fmt: skip
 
 
+@torch.no_grad()
+def bench_pixelcnnpp(args) -> None:
+    """PixelCNN++ at the CIFAR-10 config's size: cached (timed), uncached and the peer
+    (predicted from timed forward passes; see the module docstring)."""
+    shape, n_mix = (3, 32, 32), 10
+    torch.manual_seed(0)
+    model = PixelCNN(
+        image_shape=shape, data_kind="8bit", likelihood=DiscretizedLogisticMixture(n_mix=n_mix),
+        pixelcnn=functools.partial(PixelCNNppNet, nr_resnet=5, channels=160, dropout=0.5),
+    ).eval()  # fmt: skip
+    params = sum(p.numel() for p in model.parameters())
+    print(f"\narvae PixelCNN++ 5 blocks x 160 filters, 3x32x32, batch {args.batch}: "
+          f"{params / 1e6:.2f}M parameters", flush=True)  # fmt: skip
+    noise = model.sample_noise(args.batch, torch.Generator().manual_seed(0))
+    cached_s, _ = timed(lambda: model.sample(args.batch, noise), args.pp_rounds)
+    print(f"  cached: {fmt_seconds(cached_s)} s per batch", flush=True)
+    x = torch.zeros(args.batch, *shape)
+    per_height = [timed(lambda h=h: model.params(x[:, :, :h]), 1)[0][0] for h in range(1, 33)]
+    uncached = shape[2] * sum(per_height)
+    print(f"  uncached (predicted): {uncached:.0f} s per batch = 32 x the sum of one forward "
+          f"pass per canvas height ({per_height[0]:.2f} s at 1 row .. {per_height[-1]:.2f} s at "
+          "32)", flush=True)  # fmt: skip
+    print(f"  cached is {uncached / statistics.median(cached_s):.1f}x faster than uncached "
+          "(the issue's goal for PixelCNN++: >= 20x)", flush=True)  # fmt: skip
+    if args.pixel_cnn_pp is None:
+        return
+    peer = pixelcnnpp_peer.load_peer(args.pixel_cnn_pp.expanduser())
+    net = pixelcnnpp_peer.build_peer(
+        peer, argparse.Namespace(nr_resnet=5, nr_filters=160, nr_mix=n_mix, dropout=0.5)
+    ).eval()
+    canvas = torch.zeros(args.batch, *shape)
+
+    def peer_step() -> torch.Tensor:  # one pixel of its sampler: a whole forward + a draw
+        out = pixelcnn_peer_out(net, canvas)
+        return peer.sample(out, n_mix)
+
+    with pixelcnnpp_peer.peer_on_cpu():
+        peer_step()  # warm-up (builds its padding cache)
+        step_s, _ = timed(peer_step, args.peer_rounds)
+    predicted = shape[1] * shape[2] * statistics.median(step_s)
+    print(f"  pixel-cnn-pp (commit {peer.commit}), its sampler: one pixel's step "
+          f"{fmt_seconds(step_s)} s, predicted {predicted:.0f} s per batch; arvae cached is "
+          f"{predicted / statistics.median(cached_s):.1f}x faster", flush=True)  # fmt: skip
+
+
+def pixelcnn_peer_out(net: torch.nn.Module, canvas: torch.Tensor) -> torch.Tensor:
+    """The peer's forward in sampling mode, as its main.py calls it."""
+    if net.init_padding is not None and net.init_padding.shape[0] != canvas.shape[0]:
+        net.init_padding = None
+    return net(canvas, sample=True)
+
+
 def fmt_seconds(seconds: list[float]) -> str:
     return f"{min(seconds):.3f} / {statistics.median(seconds):.3f} / {max(seconds):.3f}"
 
@@ -231,6 +300,11 @@ def main() -> None:
     parser.add_argument("--peer-rounds", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--also-plain-local", action="store_true")
+    parser.add_argument("--pixelcnnpp", action="store_true", help="PixelCNN++ at CIFAR size")
+    parser.add_argument("--pp-rounds", type=int, default=1, help="of PixelCNN++ cached")
+    parser.add_argument("--pixel-cnn-pp", type=Path, metavar="PATH",
+                        help="pclucas14/pixel-cnn-pp checkout (with --pixelcnnpp)")  # fmt: skip
+    parser.add_argument("--skip-gated", action="store_true", help="only --pixelcnnpp")
     parser.add_argument("--pytorch-generative", type=Path, metavar="PATH",
                         help="a checkout of EugenHotaj/pytorch-generative (the peer)")  # fmt: skip
     args = parser.parse_args()
@@ -247,6 +321,10 @@ def main() -> None:
     print(f"images 1x28x28 binary (Bernoulli), batch {args.batch}; seconds are per batch")
 
     started = time.perf_counter()
+    if args.pixelcnnpp:
+        bench_pixelcnnpp(args)
+    if args.skip_gated:
+        return
     rows = bench_arvae("gated", args)
     gated_uncached = rows[1]["seconds"]
     if args.also_plain_local:

@@ -23,7 +23,7 @@ import functools
 import math
 import os
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Literal
 
@@ -44,6 +44,7 @@ from .backbone import (
     network_config,
     sample_autoregressive,
 )
+from .iwae_chunks import ChunkTuner, RetryPass
 from .likelihoods import LIKELIHOODS, Likelihood, bits_per_dim
 from .metrics import ActiveUnits, StandardError
 
@@ -79,11 +80,14 @@ class ImageModel(L.LightningModule):
         free_bits_unit: "latent_dim" (PixelVAE, IAF) or "data_dim" (VLAE's "0.01
             nats/data-dim").
         iwae_k: importance samples for ``test/nll_iwae`` (papers use 5000 / 4096).
-        iwae_batch: most decoder evaluations in one forward pass of the IWAE estimate,
-            which bounds its memory whatever ``iwae_k`` is; None = 1000 on a GPU and 100
-            on a CPU, where passes of 1000 images run 2.6x slower than passes of 100
-            (cache misses and page faults; the quick start's test). The bound does not
-            depend on it.
+        iwae_batch: decoder evaluations in one forward pass of the IWAE estimate, which
+            bounds its memory whatever ``iwae_k`` is; None = tuned on the first test batch
+            (:class:`~lightning_modules.iwae_chunks.ChunkTuner`: the fastest per image
+            within the memory, up to 4096; on a CPU passes of 1000 images ran 2.6x slower
+            than passes of 100). The bound does not depend on it.
+        iwae_bf16: run the importance-weighted bound's decoder passes under bf16 autocast
+            (the likelihoods stay float32); see benchmarks/iwae_speed.py for its effect on
+            the bound.
         eval_seed: seed of the per-example evaluation noise: every test/val example gets
             its own generator seeded by (eval_seed, example index) and draws each importance
             sample on its own, so metrics do not depend on the batch size, the chunk size,
@@ -112,6 +116,7 @@ class ImageModel(L.LightningModule):
         free_bits_unit: Literal["latent_dim", "data_dim"] = "latent_dim",
         iwae_k: int = 100,
         iwae_batch: int | None = None,
+        iwae_bf16: bool = False,
         eval_seed: int = 0,
         max_bad_steps: int = 10,
         compile_training: bool = False,
@@ -132,6 +137,8 @@ class ImageModel(L.LightningModule):
         self.free_bits_unit = free_bits_unit
         self.iwae_k = iwae_k
         self.iwae_batch = iwae_batch
+        self.iwae_bf16 = iwae_bf16
+        self.chunk_tuner = ChunkTuner()
         self.eval_seed = eval_seed
         if max_bad_steps < 1:
             raise ValueError(f"max_bad_steps must be >= 1, got {max_bad_steps}")
@@ -192,19 +199,51 @@ class ImageModel(L.LightningModule):
     def log_likelihood_bound(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """Per-example log p(x) lower bound with k importance samples (Burda et al. 2015):
         log (1/k) sum_s p(x, z_s) / q(z_s | x), z_s ~ q(z|x); exact without latents. The
-        encoder runs once; the samples go through :meth:`log_weights` in chunks of at most
-        ``iwae_batch`` decoder evaluations, each sample's noise drawn on its own."""
+        encoder runs once; the samples go through :meth:`log_weights` in passes sized by
+        ``iwae_batch`` or tuned (:attr:`chunk_tuner`), each sample's noise drawn on its own,
+        so the bound does not depend on the pass sizes."""
         self.check_input(x)
         if not self.latent_shapes:
             return -self.nelbo(self.checked(self.elbo_terms(x)))
         b = x.shape[0]
         q = self.encode(x)
-        chunk = self.iwae_chunk(b)
-        log_w = []
-        for start in range(0, k, chunk):
+        log_w, done = [], 0
+        while done < k:
             self.stop_if_signalled()  # a batch of k = 5000 takes minutes on a CPU
-            log_w.append(self.log_weights(x, q, self.importance_noise(b, min(chunk, k - start))))
+            n = min(self.iwae_samples_per_pass(b), k - done)
+            log_w.append(self.iwae_pass(x, q, self.importance_noise(b, n)))
+            done += n
         return log_mean_exp(torch.cat(log_w, dim=1))
+
+    def iwae_pass(self, x: torch.Tensor, q, eps: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Log weights (B, n) of the samples ``eps`` in one decoder pass (timed by the
+        tuner), or, out of GPU memory, in passes of the tuner's smaller size with the same
+        noise (drawn once: a retried pass must not draw other samples)."""
+        b, n = x.shape[0], next(iter(eps.values())).shape[1]
+        tuning = (
+            self.chunk_tuner.timing(b, n, self.device) if self.iwae_batch is None else nullcontext()
+        )
+        try:
+            with tuning, self.iwae_autocast():
+                return self.log_weights(x, q, eps).float()
+        except RetryPass:
+            torch.cuda.empty_cache()
+        parts, start = [], 0
+        while start < n:  # the size may shrink again on the way
+            stop = start + self.iwae_samples_per_pass(b)
+            parts.append(self.iwae_pass(x, q, {k: e[:, start:stop] for k, e in eps.items()}))
+            start = stop
+        return torch.cat(parts, dim=1)
+
+    def iwae_samples_per_pass(self, batch: int) -> int:
+        """Importance samples per decoder pass: ``iwae_batch // batch`` when set, else tuned."""
+        if self.iwae_batch is not None:
+            return max(1, self.iwae_batch // batch)
+        return self.chunk_tuner.size(batch, self.device)
+
+    def iwae_autocast(self):
+        """bf16 autocast for the bound's decoder passes when ``iwae_bf16`` is set."""
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.iwae_bf16)
 
     def sample(self, n: int, noise: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """n images drawn from the model, shaped (n, C, H, W). ``noise`` (from
@@ -350,11 +389,6 @@ class ImageModel(L.LightningModule):
             context_rows=context_rows,
             cache=cache,
         )
-
-    def iwae_chunk(self, batch: int) -> int:
-        """Importance samples per forward pass so that batch x chunk <= iwae_batch."""
-        limit = self.iwae_batch or (1000 if self.device.type == "cuda" else 100)
-        return max(1, limit // batch)
 
     def to_unit_range(self, x: torch.Tensor) -> torch.Tensor:
         """Images of this model's data kind scaled to [0, 1], for display."""
