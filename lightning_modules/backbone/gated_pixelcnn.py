@@ -206,7 +206,7 @@ class _CachedBlock:
     h_1x1: Pointwise
     v_bias: torch.Tensor | float  # the conditioning of each gate
     h_bias: torch.Tensor | float
-    h_row: torch.Tensor | None = None  # (B, 2C, W): the vertical stack's share of this row
+    h_row: torch.Tensor | None = None  # (B, W, 2C): all but the horizontal conv, this row
 
 
 class GatedCache(PixelCache):
@@ -257,13 +257,16 @@ class GatedCache(PixelCache):
                 v_pre = F.conv2d(b.v_in.rows(i - 1, b.v_in.pad), b.v_weight, b.block.v_conv.bias)
                 if b.v_out is not None:
                     b.v_out.set_row(i - 1, gate(v_pre + row_of(b.v_bias, i - 1))[:, :, 0])
-            b.h_row = (b.block.v_to_h(v_pre) + row_of(b.h_bias, i))[:, :, 0]
+            share = b.block.v_to_h(v_pre) + row_of(b.h_bias, i)
+            if b.block.h_conv.bias is not None:
+                share = share + b.block.h_conv.bias[:, None, None]
+            b.h_row = share[:, :, 0].transpose(1, 2).contiguous()
 
     def at(self, i: int, j: int) -> torch.Tensor:
         h = None
         for b in self.blocks:
-            new = b.h_1x1(gate(b.h_conv(b.h_in, i, j) + b.h_row[:, :, j]))
-            h = h + new if b.block.residual else new
+            gated = gate(b.h_conv(b.h_in, i, j, add=b.h_row[:, j]))
+            h = b.h_1x1(gated, add=h) if b.block.residual else b.h_1x1(gated)
             if b.h_out is not None:
                 b.h_out.set(i, j, h)
         for conv, bias in self.head:

@@ -20,7 +20,7 @@ from torch.nn.utils import parametrize
 
 from .masked_conv import shift_down
 from .pixel_decoder import PixelDecoder
-from .sampling_cache import InputFn, PixelCache
+from .sampling_cache import InputFn, PixelCache, matmul, taps_last
 from .weight_norm import channel_stats, data_dependent_init_, weight_norm_
 
 Size = tuple[int, int]
@@ -482,7 +482,7 @@ class PixelCNNppCache(PixelCache):
         self.down_ul = [blocks(net.down_ul[r - 1 - s], s) for s in range(r)]
         self.u_init = (net.u_init.weight, net.u_init.bias)
         self.ul_above = (net.ul_init_above.weight, net.ul_init_above.bias)
-        self.ul_left = (net.ul_init_left.weight.flatten(1), net.ul_init_left.bias)
+        self.ul_left = (net.ul_init_left.bias, taps_last(net.ul_init_left.weight))
         self.down_u_conv = [(c.weight, c.bias) for c in net.down_u_conv]
         self.down_ul_conv = [(c.weight.flatten(1), c.bias) for c in net.down_ul_conv]
         # per resolution s, the transposed convolutions from s + 1 to s
@@ -546,7 +546,8 @@ class PixelCNNppCache(PixelCache):
             if s == 0:
                 ul = self.ul_row0[:, :, 0, j]
                 if j > 0:  # shift_right of the (2, 1) convolution: column 0 sees nothing
-                    ul = ul + F.linear(self.inputs.window(i, j - 1, 1, 0, 0), *self.ul_left)
+                    bias, weight_t = self.ul_left
+                    ul = ul + matmul(bias, self.inputs.window(i, j - 1, 1, 0, 0), weight_t)
             else:
                 ul = F.linear(
                     self.ul_last[s - 1].window(2 * r, 2 * c, 1, 0), *self.down_ul_conv[s - 1]

@@ -17,7 +17,6 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .masked_conv import HorizontalConv2d, MaskedConv2d
@@ -47,44 +46,60 @@ def effective_weight(conv: nn.Conv2d) -> torch.Tensor:
     return conv.weight if mask is None else conv.weight * mask
 
 
+def matmul(add: torch.Tensor | None, v: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
+    """add + v @ weight_t in one call (the per-position hot path: every op costs ~5 us)."""
+    return torch.mm(v, weight_t) if add is None else torch.addmm(add, v, weight_t)
+
+
 class Pointwise:
     """A 1x1 convolution as a matrix on (B, C) vectors: one position's channels."""
 
     def __init__(self, conv: nn.Conv2d) -> None:
-        self.weight = effective_weight(conv).flatten(1)
+        self.weight_t = effective_weight(conv).flatten(1).t().contiguous()
         self.bias = conv.bias
 
-    def __call__(self, v: torch.Tensor) -> torch.Tensor:
-        return F.linear(v, self.weight, self.bias)
+    def __call__(self, v: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        """The convolution of v, plus ``add`` (B, C_out) when given."""
+        if add is None:
+            return matmul(self.bias, v, self.weight_t)
+        return matmul(add if self.bias is None else add + self.bias, v, self.weight_t)
 
 
 class Canvas:
     """A (B, C, H, W) map kept with ``pad`` zero rows above and zero columns on either
     side: the 'same' padding of the causal k x k convolutions (k = 2 pad + 1) that read it,
-    so a window at the border reads zeros as the full convolution does."""
+    so a window at the border reads zeros as the full convolution does. Stored channels
+    last, (B, H, W, C): a window within one row is then a (B, taps x C) view, no copy."""
 
     def __init__(self, like: torch.Tensor, channels: int, height: int, width: int, pad: int):
         self.pad, self.width = pad, width
-        self.data = like.new_zeros(like.shape[0], channels, height + pad, width + 2 * pad)
+        self.data = like.new_zeros(like.shape[0], height + pad, width + 2 * pad, channels)
 
     def set(self, i: int, j: int, value: torch.Tensor) -> None:
         """Position (i, j) := value (B, C)."""
-        self.data[:, :, i + self.pad, j + self.pad] = value
+        self.data[:, i + self.pad, j + self.pad] = value
 
     def set_row(self, i: int, value: torch.Tensor) -> None:
         """Row i := value (B, C, W)."""
-        self.data[:, :, i + self.pad, self.pad : self.pad + self.width] = value
+        self.data[:, i + self.pad, self.pad : self.pad + self.width] = value.transpose(1, 2)
 
     def rows(self, i: int, above: int) -> torch.Tensor:
-        """Rows i - above .. i with the side padding: (B, C, above + 1, W + 2 pad)."""
-        return self.data[:, :, i + self.pad - above : i + self.pad + 1]
+        """Rows i - above .. i with the side padding, as a (B, C, above + 1, W + 2 pad)
+        channels-last view (what F.conv2d takes)."""
+        return self.data[:, i + self.pad - above : i + self.pad + 1].permute(0, 3, 1, 2)
 
     def window(self, i: int, j: int, above: int, left: int, right: int) -> torch.Tensor:
-        """Rows i - above .. i, columns j - left .. j + right, flattened to (B, C x taps) in
-        the order of a convolution weight's (C, rows, columns)."""
+        """Rows i - above .. i, columns j - left .. j + right, flattened to (B, taps x C) in
+        the order of :func:`taps_last`."""
         p = self.pad
-        window = self.data[:, :, i + p - above : i + p + 1, j + p - left : j + p + right + 1]
+        window = self.data[:, i + p - above : i + p + 1, j + p - left : j + p + right + 1]
         return window.reshape(window.shape[0], -1)
+
+
+def taps_last(weight: torch.Tensor) -> torch.Tensor:
+    """A convolution weight (out, C, rows, columns) as the (rows x columns x C, out) matrix
+    that multiplies a :meth:`Canvas.window`."""
+    return weight.permute(0, 2, 3, 1).flatten(1).t().contiguous()
 
 
 class CausalConvAt:
@@ -102,12 +117,14 @@ class CausalConvAt:
             weight = weight[:, :, : kh // 2 + 1]
         else:
             raise TypeError(f"not a causal convolution: {type(conv).__name__}")
-        self.weight = weight.flatten(1)
+        self.weight_t = taps_last(weight)
         self.bias = conv.bias
 
-    def __call__(self, canvas: Canvas, i: int, j: int) -> torch.Tensor:
+    def __call__(self, canvas: Canvas, i: int, j: int, add: torch.Tensor | None = None):
+        """The convolution's output at (i, j), (B, C_out); ``add``, when given, is added
+        instead of the bias (fold the bias into it)."""
         window = canvas.window(i, j, self.above, self.left, self.right)
-        return F.linear(window, self.weight, self.bias)
+        return matmul(self.bias if add is None else add, window, self.weight_t)
 
 
 def conditioning_bias(
