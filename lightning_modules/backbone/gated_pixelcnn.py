@@ -123,75 +123,6 @@ class GatedHead(nn.Module):
         return self.out(h)
 
 
-class GatedPixelCNN(PixelDecoder):
-    """First layer k_first x k_first with mask A, then ``n_layers - 1`` k x k blocks with
-    mask B, then the gated 1x1 head (PixelVAE appendix E.1 layout; He-initialized).
-
-    ``out_channels`` is n_colors x parameters per colour, with channel c belonging to colour
-    ``c % n_colors`` (see masked_conv); the likelihood reads them in that order.
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        n_colors: int = 1,
-        cond_vec_dim: int = 0,
-        cond_map_channels: int = 0,
-        n_layers: int = 3,
-        channels: int = 32,
-        first_kernel: int = 7,
-        kernel: int = 5,
-    ) -> None:
-        super().__init__(in_channels, out_channels, n_colors, cond_vec_dim, cond_map_channels)
-        if n_layers < 1:
-            raise ValueError(f"a PixelCNN needs at least one masked layer, got n_layers={n_layers}")
-        if channels % n_colors:
-            raise ValueError(
-                f"GatedPixelCNN: channels ({channels}) must be a multiple of n_colors"
-                f" ({n_colors}, the colours the likelihood orders): the gate splits features in"
-                " halves, which must keep every channel in its colour group; set the network's"
-                " channels (pixelcnn: init_args: channels) to such a multiple"
-            )
-        cond = dict(
-            n_colors=n_colors, cond_vec_dim=cond_vec_dim, cond_map_channels=cond_map_channels
-        )
-        self.blocks = nn.ModuleList(
-            [GatedBlock(in_channels, channels, first_kernel, True, last=n_layers == 1, **cond)]
-            + [
-                GatedBlock(channels, channels, kernel, False, last=i == n_layers - 1, **cond)
-                for i in range(1, n_layers)
-            ]
-        )
-        self.head = GatedHead(channels, out_channels, **cond)
-        # rows above a position that its output can depend on: every vertical convolution
-        # reaches k // 2 rows up, and the vertical stack enters the horizontal one a row lower
-        self.receptive_rows = 1 + first_kernel // 2 + (n_layers - 1) * (kernel // 2)
-        he_init_(self)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        cond_vec: torch.Tensor | None = None,
-        cond_map: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        self.check_conditioning(cond_vec, cond_map)
-        v, h = x, x
-        for block in self.blocks:
-            v, h = block(v, h, cond_vec, cond_map)
-        return self.head(h, cond_vec, cond_map)
-
-    def sampling_cache(
-        self,
-        input_fn: InputFn,
-        x: torch.Tensor,
-        cond_vec: torch.Tensor | None = None,
-        cond_map: torch.Tensor | None = None,
-    ) -> "GatedCache":
-        self.check_conditioning(cond_vec, cond_map)
-        return GatedCache(self, input_fn, x, cond_vec, cond_map)
-
-
 @dataclass
 class _CachedBlock:
     """One GatedBlock's parts and maps in a :class:`GatedCache`."""
@@ -214,7 +145,7 @@ class GatedCache(PixelCache):
     stack computes row i - 1 (what reaches row i through ``shift_down``), then each pixel
     runs the horizontal stacks and the head at that pixel only."""
 
-    def __init__(self, net: GatedPixelCNN, input_fn: InputFn, x, cond_vec, cond_map) -> None:
+    def __init__(self, net: "GatedPixelCNN", input_fn: InputFn, x, cond_vec, cond_map) -> None:
         pads = [block.v_conv.kernel_size[1] // 2 for block in net.blocks]
         super().__init__(input_fn, x, net.in_channels, pads[0])
         v_in = h_in = self.inputs
@@ -272,3 +203,64 @@ class GatedCache(PixelCache):
         for conv, bias in self.head:
             h = gate(conv(h) + at(bias, i, j))
         return self.out(h)
+
+
+class GatedPixelCNN(PixelDecoder):
+    """First layer k_first x k_first with mask A, then ``n_layers - 1`` k x k blocks with
+    mask B, then the gated 1x1 head (PixelVAE appendix E.1 layout; He-initialized).
+
+    ``out_channels`` is n_colors x parameters per colour, with channel c belonging to colour
+    ``c % n_colors`` (see masked_conv); the likelihood reads them in that order.
+    """
+
+    cache_type = GatedCache
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        n_colors: int = 1,
+        cond_vec_dim: int = 0,
+        cond_map_channels: int = 0,
+        n_layers: int = 3,
+        channels: int = 32,
+        first_kernel: int = 7,
+        kernel: int = 5,
+    ) -> None:
+        super().__init__(in_channels, out_channels, n_colors, cond_vec_dim, cond_map_channels)
+        if n_layers < 1:
+            raise ValueError(f"a PixelCNN needs at least one masked layer, got n_layers={n_layers}")
+        if channels % n_colors:
+            raise ValueError(
+                f"GatedPixelCNN: channels ({channels}) must be a multiple of n_colors"
+                f" ({n_colors}, the colours the likelihood orders): the gate splits features in"
+                " halves, which must keep every channel in its colour group; set the network's"
+                " channels (pixelcnn: init_args: channels) to such a multiple"
+            )
+        cond = dict(
+            n_colors=n_colors, cond_vec_dim=cond_vec_dim, cond_map_channels=cond_map_channels
+        )
+        self.blocks = nn.ModuleList(
+            [GatedBlock(in_channels, channels, first_kernel, True, last=n_layers == 1, **cond)]
+            + [
+                GatedBlock(channels, channels, kernel, False, last=i == n_layers - 1, **cond)
+                for i in range(1, n_layers)
+            ]
+        )
+        self.head = GatedHead(channels, out_channels, **cond)
+        # rows above a position that its output can depend on: every vertical convolution
+        # reaches k // 2 rows up, and the vertical stack enters the horizontal one a row lower
+        self.receptive_rows = 1 + first_kernel // 2 + (n_layers - 1) * (kernel // 2)
+        he_init_(self)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cond_vec: torch.Tensor | None = None,
+        cond_map: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        self.check_conditioning(cond_vec, cond_map)
+        v, h = x, x
+        for block in self.blocks:
+            v, h = block(v, h, cond_vec, cond_map)
+        return self.head(h, cond_vec, cond_map)

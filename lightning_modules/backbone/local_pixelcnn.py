@@ -33,6 +33,34 @@ class Residual1x1(nn.Module):
         return x + self.body(x)
 
 
+class LocalCache(PixelCache):
+    """LocalPixelCNN one position at a time: each masked layer reads its window of the
+    stored ELU of the layer below; the 1x1 blocks and the head are per position."""
+
+    def __init__(self, net: "LocalPixelCNN", input_fn: InputFn, x, cond_vec, cond_map) -> None:
+        pad = net.first.kernel_size[0] // 2
+        super().__init__(input_fn, x, net.in_channels, pad)
+        self.first = CausalConvAt(net.first)
+        self.bias = 0.0 if net.cond is None else net.cond(cond_map)
+        self.masked = [CausalConvAt(conv) for conv in net.masked]
+        channels = net.first.out_channels
+        self.elus = [Canvas(x, channels, self.height, self.width, pad) for _ in net.masked]
+        self.blocks = [
+            (Pointwise(block.body[1]), Pointwise(block.body[3])) for block in net.blocks_1x1
+        ]
+        self.out = Pointwise(net.head[1])
+
+    def at(self, i: int, j: int) -> torch.Tensor:
+        h = self.first(self.inputs, i, j) + at(self.bias, i, j)
+        for k, (conv, elu) in enumerate(zip(self.masked, self.elus, strict=True)):
+            elu.set(i, j, F.elu(h))
+            h = h + conv(elu, i, j)
+            if k < len(self.blocks):
+                inner, outer = self.blocks[k]
+                h = h + outer(F.elu(inner(F.elu(h))))
+        return self.out(F.elu(h))
+
+
 class LocalPixelCNN(PixelDecoder):
     """PixelCNN with a window of ``n_layers * (kernel // 2)`` rows, for one colour group.
 
@@ -47,6 +75,8 @@ class LocalPixelCNN(PixelDecoder):
         kernel: size of the masked filters (VLAE: 3).
         tie_weights: masked layers 2..n_layers share one weight (VLAE on static MNIST).
     """
+
+    cache_type = LocalCache
 
     def __init__(
         self,
@@ -102,41 +132,3 @@ class LocalPixelCNN(PixelDecoder):
             if i < len(self.blocks_1x1):
                 h = self.blocks_1x1[i](h)
         return self.head(h)
-
-    def sampling_cache(
-        self,
-        input_fn: InputFn,
-        x: torch.Tensor,
-        cond_vec: torch.Tensor | None = None,
-        cond_map: torch.Tensor | None = None,
-    ) -> "LocalCache":
-        self.check_conditioning(cond_vec, cond_map)
-        return LocalCache(self, input_fn, x, cond_map)
-
-
-class LocalCache(PixelCache):
-    """LocalPixelCNN one position at a time: each masked layer reads its window of the
-    stored ELU of the layer below; the 1x1 blocks and the head are per position."""
-
-    def __init__(self, net: LocalPixelCNN, input_fn: InputFn, x, cond_map) -> None:
-        pad = net.first.kernel_size[0] // 2
-        super().__init__(input_fn, x, net.in_channels, pad)
-        self.first = CausalConvAt(net.first)
-        self.bias = 0.0 if net.cond is None else net.cond(cond_map)
-        self.masked = [CausalConvAt(conv) for conv in net.masked]
-        channels = net.first.out_channels
-        self.elus = [Canvas(x, channels, self.height, self.width, pad) for _ in net.masked]
-        self.blocks = [
-            (Pointwise(block.body[1]), Pointwise(block.body[3])) for block in net.blocks_1x1
-        ]
-        self.out = Pointwise(net.head[1])
-
-    def at(self, i: int, j: int) -> torch.Tensor:
-        h = self.first(self.inputs, i, j) + at(self.bias, i, j)
-        for k, (conv, elu) in enumerate(zip(self.masked, self.elus, strict=True)):
-            elu.set(i, j, F.elu(h))
-            h = h + conv(elu, i, j)
-            if k < len(self.blocks):
-                inner, outer = self.blocks[k]
-                h = h + outer(F.elu(inner(F.elu(h))))
-        return self.out(F.elu(h))

@@ -42,6 +42,7 @@ class PixelDecoder(nn.Module):
 
     receptive_rows: int | None = None
     needs_data_init: bool = False
+    cache_type: type | None = None  # its PixelCache class, called (net, input_fn, x, vec, map)
     model_given = 5  # the leading arguments a model fills in (see the module docstring)
 
     def __init__(
@@ -81,10 +82,13 @@ class PixelDecoder(nn.Module):
         cond_vec: torch.Tensor | None = None,
         cond_map: torch.Tensor | None = None,
     ):
-        """A :class:`~.sampling_cache.PixelCache` for sampling the canvas x (its shape and
-        device) position by position, ``input_fn`` the model's per-pixel data-to-input
-        transform; None when this network has no cached sampler."""
-        return None
+        """A :class:`~.sampling_cache.PixelCache` (of the network's ``cache_type``) for
+        sampling the canvas x (its shape and device) position by position, ``input_fn`` the
+        model's per-pixel data-to-input transform; None for a network without one."""
+        if self.cache_type is None:
+            return None
+        self.check_conditioning(cond_vec, cond_map)
+        return self.cache_type(self, input_fn, x, cond_vec, cond_map)
 
     def init_from_data(
         self,

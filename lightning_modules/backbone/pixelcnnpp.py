@@ -209,6 +209,225 @@ def _init_transposed(m: ShiftedConvTranspose2d, inputs: object, out: torch.Tenso
     return (out - mean) / std
 
 
+# ------------------------------------------------------------------ cached sampling
+class Rows:
+    """The last two rows of a (B, C, h, w) stream map, all that PixelCNN++'s two-row
+    kernels read, with ``left`` / ``right`` zero columns; rows above the map read zeros.
+    Slot 1 holds the current row, slot 0 the one above: moving on to the next row copies
+    the current one up (rows are visited in order; a position right of the last one set
+    still holds the row above's value, which no causal kernel reads)."""
+
+    def __init__(self, like: torch.Tensor, channels: int, width: int, left: int, right: int):
+        self.left, self.width, self.row = left, width, -1
+        self.data = like.new_zeros(like.shape[0], channels, 2, left + width + right)
+
+    def at_row(self, i: int) -> torch.Tensor:
+        """The two rows, moved on to row i (the current row or the next one)."""
+        if i != self.row:
+            if i != self.row + 1:
+                raise RuntimeError(f"rows are visited in order: row {i} after {self.row}")
+            self.data[:, :, 0] = self.data[:, :, 1]
+            self.row = i
+        return self.data
+
+    def set(self, i: int, j: int, value: torch.Tensor) -> None:
+        self.at_row(i)[:, :, 1, self.left + j] = value
+
+    def get(self, i: int, j: int) -> torch.Tensor:
+        return self.at_row(i)[:, :, 1, self.left + j]
+
+    def set_row(self, i: int, value: torch.Tensor) -> None:
+        """Row i := value (B, C, 1, w)."""
+        self.at_row(i)[:, :, 1, self.left : self.left + self.width] = value[:, :, 0]
+
+    def two(self, i: int) -> torch.Tensor:
+        """Rows i - 1 and i with their padding columns: (B, C, 2, left + w + right)."""
+        return self.at_row(i)
+
+    def window(self, i: int, j: int, left: int, right: int) -> torch.Tensor:
+        """Rows i - 1, i and columns j - left .. j + right, flattened as a weight's
+        (C, rows, columns)."""
+        a = self.left + j
+        window = self.at_row(i)[:, :, :, a - left : a + right + 1]
+        return window.reshape(window.shape[0], -1)
+
+
+class CachedResnet:
+    """A GatedResnet of one stream row by row (``row``: the ``u`` stream, which sees only
+    the rows above) or position by position (``at``: the ``ul`` stream), on stored rows of
+    its two convolutions' inputs. Evaluation mode: no dropout."""
+
+    def __init__(self, block: GatedResnet, like, width: int, cond_vec, cond_map) -> None:
+        self.right = block.conv1.kernel_size[1] == 2
+        pad_right = 0 if self.right else 1
+        self.w1, self.b1 = block.conv1.weight, block.conv1.bias
+        self.w2, self.b2 = block.conv2.weight, block.conv2.bias
+        self.aux = None if block.aux is None else (block.aux.weight, block.aux.bias)
+        self.vec = 0.0 if block.vec is None else block.vec(cond_vec)
+        self.map = None if block.map is None else (block.map.weight, block.map.bias, cond_map)
+        channels = block.conv1.in_channels
+        self.inputs = Rows(like, channels, width, 1, pad_right)  # concat_elu(x)
+        self.hidden = Rows(like, channels, width, 1, pad_right)  # concat_elu(conv1 + aux)
+
+    def _gate(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        a, b = h.chunk(2, dim=1)
+        return torch.addcmul(x, a, torch.sigmoid(b))
+
+    def row(self, i: int, x: torch.Tensor, aux: torch.Tensor | None) -> torch.Tensor:
+        """Row i of the block's output, (B, C, 1, w), from row i of its inputs."""
+        self.inputs.set_row(i, concat_elu(x))
+        h = F.conv2d(self.inputs.two(i), self.w1, self.b1)
+        if aux is not None:
+            h = h + F.conv2d(concat_elu(aux), *self.aux)
+        self.hidden.set_row(i, concat_elu(h))
+        h = F.conv2d(self.hidden.two(i), self.w2, self.b2)
+        h = h + (self.vec if isinstance(self.vec, float) else self.vec[:, :, None, None])
+        if self.map is not None:
+            weight, bias, cond_map = self.map
+            h = h + F.conv2d(cond_map[:, :, i : i + 1], weight, bias)
+        return self._gate(x, h)
+
+    def at(self, i: int, j: int, x: torch.Tensor, aux: torch.Tensor | None) -> torch.Tensor:
+        """The block's output at (i, j), (B, C), from its inputs there."""
+        self.inputs.set(i, j, concat_elu(x))
+        h = F.linear(self.inputs.window(i, j, 1, 0), self.w1.flatten(1), self.b1)
+        if aux is not None:
+            h = h + F.linear(concat_elu(aux), self.aux[0].flatten(1), self.aux[1])
+        self.hidden.set(i, j, concat_elu(h))
+        h = F.linear(self.hidden.window(i, j, 1, 0), self.w2.flatten(1), self.b2)
+        h = h + self.vec
+        if self.map is not None:
+            weight, bias, cond_map = self.map
+            h = h + F.linear(cond_map[:, :, i, j], weight.flatten(1), bias)
+        return self._gate(x, h)
+
+
+class PixelCNNppCache(PixelCache):
+    """PixelCNNppNet one pixel at a time. Resolution s computes its cell (i / 2^s, j / 2^s)
+    at the pixel (i, j) whose coordinates are multiples of 2^s, the first pixel that the
+    cell feeds (everything it reads is drawn by then):
+
+    - at the start of row i, the ``u`` stream (rows above only) of every resolution whose
+      row starts there, up pass finest first, then the down pass coarsest first;
+    - at pixel (i, j), the ``ul`` stream the same way at those resolutions' cells, then the
+      output.
+
+    Each stream keeps two rows per layer input (its kernels span two rows), and a stream
+    value that a later layer reads at the same position only (skips, the other stream) is
+    kept for the current row or cell."""
+
+    def __init__(self, net: "PixelCNNppNet", input_fn: InputFn, x, cond_vec, cond_map) -> None:
+        def with_ones(v: torch.Tensor) -> torch.Tensor:
+            return torch.cat([input_fn(v), torch.ones_like(v[:, :1])], dim=1)
+
+        super().__init__(with_ones, x, net.in_channels + 1, 1)
+        self.levels = r = net.resolutions
+        sizes = [(self.height, self.width)]
+        while len(sizes) < r:
+            sizes.append(half(sizes[-1]))
+        nf = net.out.in_channels
+        maps = [None if cond_map is None else resize_map(cond_map, s) for s in sizes]
+
+        def blocks(stage, s):
+            return [CachedResnet(b, x, sizes[s][1], cond_vec, maps[s]) for b in stage]
+
+        self.up_u = [blocks(net.up_u[s], s) for s in range(r)]
+        self.up_ul = [blocks(net.up_ul[s], s) for s in range(r)]
+        self.down_u = [blocks(net.down_u[r - 1 - s], s) for s in range(r)]  # per resolution
+        self.down_ul = [blocks(net.down_ul[r - 1 - s], s) for s in range(r)]
+        self.u_init = (net.u_init.weight, net.u_init.bias)
+        self.ul_above = (net.ul_init_above.weight, net.ul_init_above.bias)
+        self.ul_left = (net.ul_init_left.bias, taps_last(net.ul_init_left.weight))
+        self.down_u_conv = [(c.weight, c.bias) for c in net.down_u_conv]
+        self.down_ul_conv = [(c.weight.flatten(1), c.bias) for c in net.down_ul_conv]
+        # per resolution s, the transposed convolutions from s + 1 to s
+        self.up_u_conv = [(c.weight, c.bias) for c in reversed(net.up_u_conv)]
+        self.up_ul_conv = [(c.weight, c.bias) for c in reversed(net.up_ul_conv)]
+        self.out = (net.out.weight.flatten(1), net.out.bias)
+        # the last up-pass values of each resolution, read by the stride-2 convolutions
+        self.u_last = [Rows(x, nf, sizes[s][1], 1, 1) for s in range(r - 1)]
+        self.ul_last = [Rows(x, nf, sizes[s][1], 1, 0) for s in range(r - 1)]
+        # the down pass's ul of each coarser resolution, read by the transposed convolutions
+        self.ul_down = [None] + [Rows(x, nf, sizes[s][1], 0, 0) for s in range(1, r)]
+        self.u_up_rows: list = [None] * r  # per resolution: its current row of each u value
+        self.u_down_rows: list = [None] * r
+        self.ul_row0 = None  # shift_down(ul_init_above(x)) on the current row
+        self.zeros = x.new_zeros(self.batch, nf, 1, self.width)
+
+    def start_row(self, i: int) -> None:
+        levels = [s for s in range(self.levels) if i % 2**s == 0]
+        for s in levels:  # up pass, finest first
+            r = i >> s
+            if s == 0:  # shift_down of the first convolutions: row 0 sees nothing
+                u = self.zeros if i == 0 else F.conv2d(self.inputs.rows(i - 1, 1), *self.u_init)
+                self.ul_row0 = (
+                    self.zeros if i == 0 else F.conv2d(self.inputs.rows(i - 1, 0), *self.ul_above)
+                )
+            else:
+                u = F.conv2d(self.u_last[s - 1].two(2 * r), *self.down_u_conv[s - 1], stride=(1, 2))
+            values = [u]
+            for block in self.up_u[s]:
+                u = block.row(r, u, None)
+                values.append(u)
+            if s < self.levels - 1:
+                self.u_last[s].set_row(r, u)
+            self.u_up_rows[s] = values
+        for s in reversed(levels):  # down pass, coarsest first
+            r = i >> s
+            u, skips = self._down_start(s, self.u_up_rows[s])
+            if s < self.levels - 1:
+                weight, bias = self.up_u_conv[s]
+                coarse = F.conv_transpose2d(self.u_down_rows[s + 1][-1], weight, bias, stride=2)
+                u = coarse[:, :, r % 2, 1 : 1 + self.u_up_rows[s][0].shape[3]][:, :, None]
+            values = []
+            for block, skip in zip(self.down_u[s], skips, strict=True):
+                u = block.row(r, u, skip)
+                values.append(u)
+            self.u_down_rows[s] = values
+
+    def _down_start(self, s: int, up: list) -> tuple:
+        """The down pass's first input at resolution s (the up pass's last value at the
+        coarsest one, else None: the transposed convolution's) and the skips it consumes,
+        in the order the network's down pass pops them."""
+        if s == self.levels - 1:
+            return up[-1], up[-2::-1]
+        return None, up[::-1]
+
+    def at(self, i: int, j: int) -> torch.Tensor:
+        levels = [s for s in range(self.levels) if i % 2**s == 0 and j % 2**s == 0]
+        up_values = {}
+        for s in levels:  # up pass, finest first
+            r, c = i >> s, j >> s
+            if s == 0:
+                ul = self.ul_row0[:, :, 0, j]
+                if j > 0:  # shift_right of the (2, 1) convolution: column 0 sees nothing
+                    bias, weight_t = self.ul_left
+                    ul = ul + matmul(bias, self.inputs.window(i, j - 1, 1, 0, 0), weight_t)
+            else:
+                ul = F.linear(
+                    self.ul_last[s - 1].window(2 * r, 2 * c, 1, 0), *self.down_ul_conv[s - 1]
+                )
+            values = [ul]
+            for block, u in zip(self.up_ul[s], self.u_up_rows[s][1:], strict=True):
+                ul = block.at(r, c, ul, u[:, :, 0, c])
+                values.append(ul)
+            if s < self.levels - 1:
+                self.ul_last[s].set(r, c, ul)
+            up_values[s] = values
+        for s in reversed(levels):  # down pass, coarsest first
+            r, c = i >> s, j >> s
+            ul, skips = self._down_start(s, up_values[s])
+            if s < self.levels - 1:
+                weight, bias = self.up_ul_conv[s]
+                coarse = self.ul_down[s + 1].get(r // 2, c // 2)
+                ul = F.linear(coarse, weight[:, :, r % 2, c % 2].t(), bias)
+            for block, u, skip in zip(self.down_ul[s], self.u_down_rows[s], skips, strict=True):
+                ul = block.at(r, c, ul, torch.cat([u[:, :, 0, c], skip], dim=1))
+            if s > 0:
+                self.ul_down[s].set(r, c, ul)
+        return F.linear(F.elu(ul), *self.out)
+
+
 class PixelCNNppNet(PixelDecoder):
     """PixelCNN++ over ``in_channels`` inputs (scaled to [-1, 1]), ``out_channels`` outputs per
     pixel, ``channels`` wide (the paper's ``nr_filters``: 160). Up pass: ``nr_resnet`` blocks
@@ -226,6 +445,8 @@ class PixelCNNppNet(PixelDecoder):
     larger image misses more, further up. No row bound either: ``receptive_rows`` is None,
     sampling runs the whole canvas.
     """
+
+    cache_type = PixelCNNppCache
 
     receptive_rows = None
     needs_data_init = True
@@ -342,232 +563,3 @@ class PixelCNNppNet(PixelDecoder):
             for h in handles:
                 h.remove()
         return n + len(handles)
-
-    def sampling_cache(
-        self,
-        input_fn: InputFn,
-        x: torch.Tensor,
-        cond_vec: torch.Tensor | None = None,
-        cond_map: torch.Tensor | None = None,
-    ) -> "PixelCNNppCache":
-        self.check_conditioning(cond_vec, cond_map)
-        return PixelCNNppCache(self, input_fn, x, cond_vec, cond_map)
-
-
-# ------------------------------------------------------------------ cached sampling
-class Rows:
-    """The last two rows of a (B, C, h, w) stream map, all that PixelCNN++'s two-row
-    kernels read, with ``left`` / ``right`` zero columns; rows above the map read zeros.
-    Slot 1 holds the current row, slot 0 the one above: moving on to the next row copies
-    the current one up (rows are visited in order; a position right of the last one set
-    still holds the row above's value, which no causal kernel reads)."""
-
-    def __init__(self, like: torch.Tensor, channels: int, width: int, left: int, right: int):
-        self.left, self.width, self.row = left, width, -1
-        self.data = like.new_zeros(like.shape[0], channels, 2, left + width + right)
-
-    def at_row(self, i: int) -> torch.Tensor:
-        """The two rows, moved on to row i (the current row or the next one)."""
-        if i != self.row:
-            if i != self.row + 1:
-                raise RuntimeError(f"rows are visited in order: row {i} after {self.row}")
-            self.data[:, :, 0] = self.data[:, :, 1]
-            self.row = i
-        return self.data
-
-    def set(self, i: int, j: int, value: torch.Tensor) -> None:
-        self.at_row(i)[:, :, 1, self.left + j] = value
-
-    def get(self, i: int, j: int) -> torch.Tensor:
-        return self.at_row(i)[:, :, 1, self.left + j]
-
-    def set_row(self, i: int, value: torch.Tensor) -> None:
-        """Row i := value (B, C, 1, w)."""
-        self.at_row(i)[:, :, 1, self.left : self.left + self.width] = value[:, :, 0]
-
-    def two(self, i: int) -> torch.Tensor:
-        """Rows i - 1 and i with their padding columns: (B, C, 2, left + w + right)."""
-        return self.at_row(i)
-
-    def window(self, i: int, j: int, left: int, right: int) -> torch.Tensor:
-        """Rows i - 1, i and columns j - left .. j + right, flattened as a weight's
-        (C, rows, columns)."""
-        a = self.left + j
-        window = self.at_row(i)[:, :, :, a - left : a + right + 1]
-        return window.reshape(window.shape[0], -1)
-
-
-class CachedResnet:
-    """A GatedResnet of one stream row by row (``row``: the ``u`` stream, which sees only
-    the rows above) or position by position (``at``: the ``ul`` stream), on stored rows of
-    its two convolutions' inputs. Evaluation mode: no dropout."""
-
-    def __init__(self, block: GatedResnet, like, width: int, cond_vec, cond_map) -> None:
-        self.right = block.conv1.kernel_size[1] == 2
-        pad_right = 0 if self.right else 1
-        self.w1, self.b1 = block.conv1.weight, block.conv1.bias
-        self.w2, self.b2 = block.conv2.weight, block.conv2.bias
-        self.aux = None if block.aux is None else (block.aux.weight, block.aux.bias)
-        self.vec = 0.0 if block.vec is None else block.vec(cond_vec)
-        self.map = None if block.map is None else (block.map.weight, block.map.bias, cond_map)
-        channels = block.conv1.in_channels
-        self.inputs = Rows(like, channels, width, 1, pad_right)  # concat_elu(x)
-        self.hidden = Rows(like, channels, width, 1, pad_right)  # concat_elu(conv1 + aux)
-
-    def _gate(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        a, b = h.chunk(2, dim=1)
-        return torch.addcmul(x, a, torch.sigmoid(b))
-
-    def row(self, i: int, x: torch.Tensor, aux: torch.Tensor | None) -> torch.Tensor:
-        """Row i of the block's output, (B, C, 1, w), from row i of its inputs."""
-        self.inputs.set_row(i, concat_elu(x))
-        h = F.conv2d(self.inputs.two(i), self.w1, self.b1)
-        if aux is not None:
-            h = h + F.conv2d(concat_elu(aux), *self.aux)
-        self.hidden.set_row(i, concat_elu(h))
-        h = F.conv2d(self.hidden.two(i), self.w2, self.b2)
-        h = h + (self.vec if isinstance(self.vec, float) else self.vec[:, :, None, None])
-        if self.map is not None:
-            weight, bias, cond_map = self.map
-            h = h + F.conv2d(cond_map[:, :, i : i + 1], weight, bias)
-        return self._gate(x, h)
-
-    def at(self, i: int, j: int, x: torch.Tensor, aux: torch.Tensor | None) -> torch.Tensor:
-        """The block's output at (i, j), (B, C), from its inputs there."""
-        self.inputs.set(i, j, concat_elu(x))
-        h = F.linear(self.inputs.window(i, j, 1, 0), self.w1.flatten(1), self.b1)
-        if aux is not None:
-            h = h + F.linear(concat_elu(aux), self.aux[0].flatten(1), self.aux[1])
-        self.hidden.set(i, j, concat_elu(h))
-        h = F.linear(self.hidden.window(i, j, 1, 0), self.w2.flatten(1), self.b2)
-        h = h + self.vec
-        if self.map is not None:
-            weight, bias, cond_map = self.map
-            h = h + F.linear(cond_map[:, :, i, j], weight.flatten(1), bias)
-        return self._gate(x, h)
-
-
-class PixelCNNppCache(PixelCache):
-    """PixelCNNppNet one pixel at a time. Resolution s computes its cell (i / 2^s, j / 2^s)
-    at the pixel (i, j) whose coordinates are multiples of 2^s, the first pixel that the
-    cell feeds (everything it reads is drawn by then):
-
-    - at the start of row i, the ``u`` stream (rows above only) of every resolution whose
-      row starts there, up pass finest first, then the down pass coarsest first;
-    - at pixel (i, j), the ``ul`` stream the same way at those resolutions' cells, then the
-      output.
-
-    Each stream keeps two rows per layer input (its kernels span two rows), and a stream
-    value that a later layer reads at the same position only (skips, the other stream) is
-    kept for the current row or cell."""
-
-    def __init__(self, net: PixelCNNppNet, input_fn: InputFn, x, cond_vec, cond_map) -> None:
-        def with_ones(v: torch.Tensor) -> torch.Tensor:
-            return torch.cat([input_fn(v), torch.ones_like(v[:, :1])], dim=1)
-
-        super().__init__(with_ones, x, net.in_channels + 1, 1)
-        self.levels = r = net.resolutions
-        sizes = [(self.height, self.width)]
-        while len(sizes) < r:
-            sizes.append(half(sizes[-1]))
-        nf = net.out.in_channels
-        maps = [None if cond_map is None else resize_map(cond_map, s) for s in sizes]
-
-        def blocks(stage, s):
-            return [CachedResnet(b, x, sizes[s][1], cond_vec, maps[s]) for b in stage]
-
-        self.up_u = [blocks(net.up_u[s], s) for s in range(r)]
-        self.up_ul = [blocks(net.up_ul[s], s) for s in range(r)]
-        self.down_u = [blocks(net.down_u[r - 1 - s], s) for s in range(r)]  # per resolution
-        self.down_ul = [blocks(net.down_ul[r - 1 - s], s) for s in range(r)]
-        self.u_init = (net.u_init.weight, net.u_init.bias)
-        self.ul_above = (net.ul_init_above.weight, net.ul_init_above.bias)
-        self.ul_left = (net.ul_init_left.bias, taps_last(net.ul_init_left.weight))
-        self.down_u_conv = [(c.weight, c.bias) for c in net.down_u_conv]
-        self.down_ul_conv = [(c.weight.flatten(1), c.bias) for c in net.down_ul_conv]
-        # per resolution s, the transposed convolutions from s + 1 to s
-        self.up_u_conv = [(c.weight, c.bias) for c in reversed(net.up_u_conv)]
-        self.up_ul_conv = [(c.weight, c.bias) for c in reversed(net.up_ul_conv)]
-        self.out = (net.out.weight.flatten(1), net.out.bias)
-        # the last up-pass values of each resolution, read by the stride-2 convolutions
-        self.u_last = [Rows(x, nf, sizes[s][1], 1, 1) for s in range(r - 1)]
-        self.ul_last = [Rows(x, nf, sizes[s][1], 1, 0) for s in range(r - 1)]
-        # the down pass's ul of each coarser resolution, read by the transposed convolutions
-        self.ul_down = [None] + [Rows(x, nf, sizes[s][1], 0, 0) for s in range(1, r)]
-        self.u_up_rows: list = [None] * r  # per resolution: its current row of each u value
-        self.u_down_rows: list = [None] * r
-        self.ul_row0 = None  # shift_down(ul_init_above(x)) on the current row
-        self.zeros = x.new_zeros(self.batch, nf, 1, self.width)
-
-    def start_row(self, i: int) -> None:
-        levels = [s for s in range(self.levels) if i % 2**s == 0]
-        for s in levels:  # up pass, finest first
-            r = i >> s
-            if s == 0:  # shift_down of the first convolutions: row 0 sees nothing
-                u = self.zeros if i == 0 else F.conv2d(self.inputs.rows(i - 1, 1), *self.u_init)
-                self.ul_row0 = (
-                    self.zeros if i == 0 else F.conv2d(self.inputs.rows(i - 1, 0), *self.ul_above)
-                )
-            else:
-                u = F.conv2d(self.u_last[s - 1].two(2 * r), *self.down_u_conv[s - 1], stride=(1, 2))
-            values = [u]
-            for block in self.up_u[s]:
-                u = block.row(r, u, None)
-                values.append(u)
-            if s < self.levels - 1:
-                self.u_last[s].set_row(r, u)
-            self.u_up_rows[s] = values
-        for s in reversed(levels):  # down pass, coarsest first
-            r = i >> s
-            u, skips = self._down_start(s, self.u_up_rows[s])
-            if s < self.levels - 1:
-                weight, bias = self.up_u_conv[s]
-                coarse = F.conv_transpose2d(self.u_down_rows[s + 1][-1], weight, bias, stride=2)
-                u = coarse[:, :, r % 2, 1 : 1 + self.u_up_rows[s][0].shape[3]][:, :, None]
-            values = []
-            for block, skip in zip(self.down_u[s], skips, strict=True):
-                u = block.row(r, u, skip)
-                values.append(u)
-            self.u_down_rows[s] = values
-
-    def _down_start(self, s: int, up: list) -> tuple:
-        """The down pass's first input at resolution s (the up pass's last value at the
-        coarsest one, else None: the transposed convolution's) and the skips it consumes,
-        in the order the network's down pass pops them."""
-        if s == self.levels - 1:
-            return up[-1], up[-2::-1]
-        return None, up[::-1]
-
-    def at(self, i: int, j: int) -> torch.Tensor:
-        levels = [s for s in range(self.levels) if i % 2**s == 0 and j % 2**s == 0]
-        up_values = {}
-        for s in levels:  # up pass, finest first
-            r, c = i >> s, j >> s
-            if s == 0:
-                ul = self.ul_row0[:, :, 0, j]
-                if j > 0:  # shift_right of the (2, 1) convolution: column 0 sees nothing
-                    bias, weight_t = self.ul_left
-                    ul = ul + matmul(bias, self.inputs.window(i, j - 1, 1, 0, 0), weight_t)
-            else:
-                ul = F.linear(
-                    self.ul_last[s - 1].window(2 * r, 2 * c, 1, 0), *self.down_ul_conv[s - 1]
-                )
-            values = [ul]
-            for block, u in zip(self.up_ul[s], self.u_up_rows[s][1:], strict=True):
-                ul = block.at(r, c, ul, u[:, :, 0, c])
-                values.append(ul)
-            if s < self.levels - 1:
-                self.ul_last[s].set(r, c, ul)
-            up_values[s] = values
-        for s in reversed(levels):  # down pass, coarsest first
-            r, c = i >> s, j >> s
-            ul, skips = self._down_start(s, up_values[s])
-            if s < self.levels - 1:
-                weight, bias = self.up_ul_conv[s]
-                coarse = self.ul_down[s + 1].get(r // 2, c // 2)
-                ul = F.linear(coarse, weight[:, :, r % 2, c % 2].t(), bias)
-            for block, u, skip in zip(self.down_ul[s], self.u_down_rows[s], skips, strict=True):
-                ul = block.at(r, c, ul, torch.cat([u[:, :, 0, c], skip], dim=1))
-            if s > 0:
-                self.ul_down[s].set(r, c, ul)
-        return F.linear(F.elu(ul), *self.out)

@@ -24,9 +24,32 @@ from .sampling_cache import (
 )
 
 
+class PlainCache(PixelCache):
+    """PlainPixelCNN one position at a time: each masked layer reads its window of the
+    stored ReLU of the layer below."""
+
+    def __init__(self, net: "PlainPixelCNN", input_fn: InputFn, x, cond_vec, cond_map) -> None:
+        pads = [conv.kernel_size[0] // 2 for conv in net.convs]
+        super().__init__(input_fn, x, net.in_channels, pads[0])
+        self.convs = [CausalConvAt(conv) for conv in net.convs]
+        self.biases = [conditioning_bias(cond, cond_vec, cond_map) for cond in net.conds]
+        channels = net.convs[0].out_channels
+        self.relus = [Canvas(x, channels, self.height, self.width, pad) for pad in pads[1:]]
+        self.hidden, self.out = Pointwise(net.head.hidden), Pointwise(net.head.out)
+
+    def at(self, i: int, j: int) -> torch.Tensor:
+        h = self.convs[0](self.inputs, i, j) + at(self.biases[0], i, j)
+        for conv, bias, relu in zip(self.convs[1:], self.biases[1:], self.relus, strict=True):
+            relu.set(i, j, torch.relu(h))
+            h = h + torch.relu(conv(relu, i, j) + at(bias, i, j))
+        return self.out(torch.relu(self.hidden(torch.relu(h))))
+
+
 class PlainPixelCNN(PixelDecoder):
     """k_first x k_first mask-A conv, ``n_layers - 1`` residual k x k mask-B ReLU convs, then
     two 1x1 ReLU layers to ``out_channels`` (He-initialized). Options as GatedPixelCNN's."""
+
+    cache_type = PlainCache
 
     def __init__(
         self,
@@ -72,34 +95,3 @@ class PlainPixelCNN(PixelDecoder):
         for conv, cond in zip(self.convs[1:], self.conds[1:], strict=True):
             h = h + torch.relu(cond(conv(torch.relu(h)), cond_vec, cond_map))
         return self.head(h)
-
-    def sampling_cache(
-        self,
-        input_fn: InputFn,
-        x: torch.Tensor,
-        cond_vec: torch.Tensor | None = None,
-        cond_map: torch.Tensor | None = None,
-    ) -> "PlainCache":
-        self.check_conditioning(cond_vec, cond_map)
-        return PlainCache(self, input_fn, x, cond_vec, cond_map)
-
-
-class PlainCache(PixelCache):
-    """PlainPixelCNN one position at a time: each masked layer reads its window of the
-    stored ReLU of the layer below."""
-
-    def __init__(self, net: PlainPixelCNN, input_fn: InputFn, x, cond_vec, cond_map) -> None:
-        pads = [conv.kernel_size[0] // 2 for conv in net.convs]
-        super().__init__(input_fn, x, net.in_channels, pads[0])
-        self.convs = [CausalConvAt(conv) for conv in net.convs]
-        self.biases = [conditioning_bias(cond, cond_vec, cond_map) for cond in net.conds]
-        channels = net.convs[0].out_channels
-        self.relus = [Canvas(x, channels, self.height, self.width, pad) for pad in pads[1:]]
-        self.hidden, self.out = Pointwise(net.head.hidden), Pointwise(net.head.out)
-
-    def at(self, i: int, j: int) -> torch.Tensor:
-        h = self.convs[0](self.inputs, i, j) + at(self.biases[0], i, j)
-        for conv, bias, relu in zip(self.convs[1:], self.biases[1:], self.relus, strict=True):
-            relu.set(i, j, torch.relu(h))
-            h = h + torch.relu(conv(relu, i, j) + at(bias, i, j))
-        return self.out(torch.relu(self.hidden(torch.relu(h))))
