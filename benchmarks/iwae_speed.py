@@ -1,8 +1,9 @@
 """The importance-weighted test bound on the CPU, side by side in one run.
 
 Model: PixelVAE's Table 1 "Gated PixelVAE" (experiments/pixelvae/gated_pixelvae.yaml: 16-d
-z, 13 gated layers x 32 channels on the upsampled decoding of z), fresh weights or a
-checkpoint (``--ckpt``, any PixelVAE: the bf16 effect means more on a trained model). Data:
+z, 13 gated layers x 32 channels on the upsampled decoding of z) with fresh weights, or the
+PixelVAE of a checkpoint (``--ckpt``, e.g. the quick start's: the bf16 effect means more on
+a trained model). Data:
 the first ``--images`` (100: one test batch of the config) test images of ``--data`` (an
 npz with ``test`` images; default the binarized-MNIST sample shipped in the package).
 
@@ -89,8 +90,8 @@ def main() -> None:
           f"load {load}")  # fmt: skip
     x = test_images(args.data, args.images)
     b, k = x.shape[0], args.k_probe
-    weights = "fresh weights" if args.ckpt is None else f"weights of {args.ckpt}"
-    print(f"Table 1 Gated PixelVAE ({weights}); {b} test images of {args.data.name}; "
+    model = "Table 1 Gated PixelVAE, fresh weights" if args.ckpt is None else f"{args.ckpt}"
+    print(f"model: {model}; {b} test images of {args.data.name}; "
           f"each run times k = {k} samples\n")  # fmt: skip
 
     runs = {
