@@ -374,3 +374,14 @@ def test_the_configs_hold_the_papers_settings_and_build(overlay, options):
         model = AGAVE(image_shape=(3, 32, 32), **init)
         size = 32 // 2 ** options["aux_downsamplings"]
         assert model.aux_shape == (3, size, size) and model.latent_shapes["z"] == (32, 16, 16)
+
+
+def test_the_cpu_demo_is_the_smoke_run_trained_longer():
+    """cifar10_demo.yaml changes only the schedule (and the run's name) of the smoke run."""
+    files = ["_cifar10", "cifar10_lambda2", "cifar10_smoke"]
+    args = [a for f in files for a in ("-c", str(AGAVE_DIR / f"{f}.yaml"))]
+    smoke = printed_config("fit", *args)
+    demo = printed_config("fit", *args, "-c", str(AGAVE_DIR / "cifar10_demo.yaml"))
+    assert demo["trainer"]["max_epochs"] == 30 and smoke["trainer"]["max_epochs"] == 6
+    assert demo["model"] == smoke["model"] and demo["data"] == smoke["data"]
+    assert demo["trainer"]["logger"]["init_args"]["name"] == "agave_cifar10_demo"
