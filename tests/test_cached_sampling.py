@@ -8,6 +8,7 @@ import functools
 import pytest
 import torch
 from decoders import gated, local, pixelcnnpp, plain
+from test_hierarchical import TINY
 from tiny_data import TinyBinary
 
 from lightning_modules import (
@@ -142,17 +143,7 @@ def test_hierarchical_pixelvae_samples_latent_maps_and_pixels_like_the_reference
     """The PixelCNN prior over z_1 (Gaussian outputs, a map's channels drawn together) and
     the pixel decoder (embedded 8-bit input, R -> G -> B), both cached."""
     torch.manual_seed(0)
-    model = HierarchicalPixelVAE(
-        image_shape=(3, 8, 8),
-        latent_channels=(2, 3),
-        latent_sizes=(4, 1),
-        pixel_widths=(6, 8),
-        latent_width=8,
-        embed_dim=2,
-        pixelcnn=gated(n_layers=1, channels=6, first_kernel=3, kernel=3),
-        n_prior_layers=2,
-        prior_channels=4,
-    )
+    model = HierarchicalPixelVAE(**{**TINY, "n_prior_layers": 2})  # two masked prior layers
     perturbed_(model.pixelcnn)
     perturbed_(model.priors[0], scale=0.1)
     same_draws(model, model.pixelcnn, model.priors[0], n=2)

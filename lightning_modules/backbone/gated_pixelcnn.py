@@ -22,7 +22,6 @@ from .sampling_cache import (
     PixelCache,
     Pointwise,
     at,
-    conditioning_bias,
     effective_weight,
     row_of,
 )
@@ -44,14 +43,26 @@ class Conditioner(nn.Module):
             nn.Conv2d(cond_map_channels, out_channels, 1, bias=False) if cond_map_channels else None
         )
 
+    def terms(self, cond_vec: torch.Tensor | None, cond_map: torch.Tensor | None):
+        """What the conditioning adds, term by term, each broadcastable to (B, C, H, W)."""
+        if self.vec is not None:
+            yield self.vec(cond_vec)[:, :, None, None]
+        if self.map is not None:
+            yield self.map(cond_map)
+
     def forward(
         self, pre: torch.Tensor, cond_vec: torch.Tensor | None, cond_map: torch.Tensor | None
     ) -> torch.Tensor:
-        if self.vec is not None:
-            pre = pre + self.vec(cond_vec)[:, :, None, None]
-        if self.map is not None:
-            pre = pre + self.map(cond_map)
+        for term in self.terms(cond_vec, cond_map):
+            pre = pre + term
         return pre
+
+    def bias(
+        self, cond_vec: torch.Tensor | None, cond_map: torch.Tensor | None
+    ) -> torch.Tensor | float:
+        """The whole conditioning as one map (0.0 when there is none): what a cached sampler
+        adds at each position."""
+        return sum(self.terms(cond_vec, cond_map), 0.0)
 
 
 class GatedBlock(nn.Module):
@@ -167,15 +178,13 @@ class GatedCache(PixelCache):
                     effective_weight(block.v_conv),
                     CausalConvAt(block.h_conv),
                     Pointwise(block.h_out),
-                    0.0
-                    if block.v_cond is None
-                    else conditioning_bias(block.v_cond, cond_vec, cond_map),
-                    conditioning_bias(block.h_cond, cond_vec, cond_map),
+                    0.0 if block.v_cond is None else block.v_cond.bias(cond_vec, cond_map),
+                    block.h_cond.bias(cond_vec, cond_map),
                 )
             )
             v_in, h_in = v_out, h_out
         self.head = [
-            (Pointwise(conv), conditioning_bias(cond, cond_vec, cond_map))
+            (Pointwise(conv), cond.bias(cond_vec, cond_map))
             for conv, cond in zip(net.head.convs, net.head.conds, strict=True)
         ]
         self.out = Pointwise(net.head.out)

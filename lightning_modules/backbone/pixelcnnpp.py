@@ -195,8 +195,13 @@ class GatedResnet(nn.Module):
             h = h + self.vec(cond_vec)[:, :, None, None]
         if self.map is not None:
             h = h + self.map(cond_map)
-        a, b = h.chunk(2, dim=1)
-        return torch.addcmul(x, a, torch.sigmoid(b))
+        return gated_residual(x, h)
+
+
+def gated_residual(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """x + a * sigmoid(b), [a, b] = h: a GatedResnet's output from its pre-gate h."""
+    a, b = h.chunk(2, dim=1)
+    return torch.addcmul(x, a, torch.sigmoid(b))
 
 
 @torch.no_grad()
@@ -258,8 +263,7 @@ class CachedResnet:
     its two convolutions' inputs. Evaluation mode: no dropout."""
 
     def __init__(self, block: GatedResnet, like, width: int, cond_vec, cond_map) -> None:
-        self.right = block.conv1.kernel_size[1] == 2
-        pad_right = 0 if self.right else 1
+        pad_right = 0 if block.conv1.kernel_size[1] == 2 else 1  # down-right: no column right
         self.w1, self.b1 = block.conv1.weight, block.conv1.bias
         self.w2, self.b2 = block.conv2.weight, block.conv2.bias
         self.aux = None if block.aux is None else (block.aux.weight, block.aux.bias)
@@ -268,10 +272,6 @@ class CachedResnet:
         channels = block.conv1.in_channels
         self.inputs = Rows(like, channels, width, 1, pad_right)  # concat_elu(x)
         self.hidden = Rows(like, channels, width, 1, pad_right)  # concat_elu(conv1 + aux)
-
-    def _gate(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        a, b = h.chunk(2, dim=1)
-        return torch.addcmul(x, a, torch.sigmoid(b))
 
     def row(self, i: int, x: torch.Tensor, aux: torch.Tensor | None) -> torch.Tensor:
         """Row i of the block's output, (B, C, 1, w), from row i of its inputs."""
@@ -285,7 +285,7 @@ class CachedResnet:
         if self.map is not None:
             weight, bias, cond_map = self.map
             h = h + F.conv2d(cond_map[:, :, i : i + 1], weight, bias)
-        return self._gate(x, h)
+        return gated_residual(x, h)
 
     def at(self, i: int, j: int, x: torch.Tensor, aux: torch.Tensor | None) -> torch.Tensor:
         """The block's output at (i, j), (B, C), from its inputs there."""
@@ -299,7 +299,7 @@ class CachedResnet:
         if self.map is not None:
             weight, bias, cond_map = self.map
             h = h + F.linear(cond_map[:, :, i, j], weight.flatten(1), bias)
-        return self._gate(x, h)
+        return gated_residual(x, h)
 
 
 class PixelCNNppCache(PixelCache):

@@ -20,7 +20,6 @@ from .sampling_cache import (
     PixelCache,
     Pointwise,
     at,
-    conditioning_bias,
 )
 
 
@@ -32,7 +31,7 @@ class PlainCache(PixelCache):
         pads = [conv.kernel_size[0] // 2 for conv in net.convs]
         super().__init__(input_fn, x, net.in_channels, pads[0])
         self.convs = [CausalConvAt(conv) for conv in net.convs]
-        self.biases = [conditioning_bias(cond, cond_vec, cond_map) for cond in net.conds]
+        self.biases = [cond.bias(cond_vec, cond_map) for cond in net.conds]
         channels = net.convs[0].out_channels
         self.relus = [Canvas(x, channels, self.height, self.width, pad) for pad in pads[1:]]
         self.hidden, self.out = Pointwise(net.head.hidden), Pointwise(net.head.out)

@@ -127,19 +127,6 @@ class CausalConvAt:
         return matmul(self.bias if add is None else add, window, self.weight_t)
 
 
-def conditioning_bias(
-    cond, cond_vec: torch.Tensor | None, cond_map: torch.Tensor | None
-) -> torch.Tensor | float:
-    """What a :class:`~.gated_pixelcnn.Conditioner` adds at every position, as a map
-    broadcastable to (B, C, H, W) (0.0 when it adds nothing)."""
-    bias = 0.0
-    if cond.vec is not None:
-        bias = bias + cond.vec(cond_vec)[:, :, None, None]
-    if cond.map is not None:
-        bias = bias + cond.map(cond_map)
-    return bias
-
-
 def at(bias: torch.Tensor | float, i: int, j: int) -> torch.Tensor | float:
     """A conditioning bias at position (i, j), (B, C), whatever its broadcast shape."""
     if not isinstance(bias, torch.Tensor):
