@@ -22,6 +22,7 @@ test examples. ``{stage}/active_units/<level>`` counts the level's active units 
 import functools
 import math
 import os
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -50,6 +51,7 @@ from .metrics import ActiveUnits, StandardError
 
 BOUNDS = ("nelbo", "nll_iwae", "bpd", "bpd_iwae")  # the headline test numbers
 TermKind = Literal["bound", "kl", "auxiliary", "diagnostic"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune"]  # torch.compile's modes
 """How a term of ``elbo_terms`` counts: ``bound``, a term of -ELBO and of the loss; ``kl``,
 the same for a latent level's KL (``kl/<level>``: KL warm-up and free bits apply to these
 only); ``auxiliary``, a term of the loss that is not part of the bound (AGAVE's
@@ -96,11 +98,16 @@ class ImageModel(L.LightningModule):
             counted in ``train/skipped_steps``); this many in a row stop the run with a clear
             error after saving ``nonfinite-stop.ckpt`` (the last good weights) beside the
             other checkpoints.
-        compile_training: run each training step's :meth:`elbo_terms` through
-            ``torch.compile`` (the first steps compile; validation, test and sampling stay
-            eager). It fuses the many small element-wise ops of the gated layers, which on
-            a GPU each cost a kernel launch; its random numbers are not the eager ones, so
-            a compiled run does not repeat an eager run's noise.
+        compile_training: run each training step's :meth:`elbo_terms` (forward and, through
+            AOTAutograd, backward) through ``torch.compile`` (the first steps compile;
+            validation, test and sampling stay eager). True or ``"default"`` fuses the many
+            small element-wise ops of the gated layers, which on a GPU each cost a kernel
+            launch; ``"reduce-overhead"`` also captures the step's kernels in CUDA graphs on
+            a GPU (one launch per graph; on a CPU it is the default mode); ``"max-autotune"``
+            also tunes the kernels. Where compiling fails (no C++ compiler or Triton, an op
+            the compiler cannot trace), the run warns once and goes on eagerly. Its random
+            numbers are not the eager ones, so a compiled run does not repeat an eager run's
+            noise.
     """
 
     def __init__(
@@ -119,7 +126,7 @@ class ImageModel(L.LightningModule):
         iwae_bf16: bool = False,
         eval_seed: int = 0,
         max_bad_steps: int = 10,
-        compile_training: bool = False,
+        compile_training: bool | CompileMode = False,
     ) -> None:
         super().__init__()
         if iwae_k < 1 or (iwae_batch is not None and iwae_batch < 1):
@@ -143,7 +150,13 @@ class ImageModel(L.LightningModule):
         if max_bad_steps < 1:
             raise ValueError(f"max_bad_steps must be >= 1, got {max_bad_steps}")
         self.max_bad_steps = max_bad_steps
+        if compile_training not in (False, True, *CompileMode.__args__):
+            raise ValueError(
+                f"compile_training must be true, false or one of {CompileMode.__args__}, got"
+                f" {compile_training!r}"
+            )
         self.compile_training = compile_training
+        self._compile_failed = False
         self.bad_steps = 0  # consecutive skipped steps
         self.skipped_steps = 0
         self._bad_terms: dict[str, float] = {}
@@ -471,8 +484,11 @@ class ImageModel(L.LightningModule):
 
     # ------------------------------------------------------------------ Lightning
     def configure_optimizers(self):
+        """Adam or Adamax at ``lr``; on a GPU Adam is fused (one kernel for every parameter
+        instead of several per tensor: the small networks here are launch-bound)."""
         cls = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax}[self.optimizer_name]
-        optimizer = cls(self.parameters(), lr=self.lr)
+        fused = {"fused": True} if cls is torch.optim.Adam and self.device.type == "cuda" else {}
+        optimizer = cls(self.parameters(), lr=self.lr, **fused)
         if self.lr_decay == 1.0:
             return optimizer
         decay = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=self.lr_decay)
@@ -538,11 +554,7 @@ class ImageModel(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
         x, _ = batch
         self.check_input(x)
-        if self.compile_training:
-            terms = compiled(type(self).elbo_terms)(self, x)
-        else:
-            terms = self.elbo_terms(x)
-        loss = self.loss(self.checked(terms))
+        loss, terms = self.training_loss(x)
         if not torch.isfinite(loss):  # its gradient is not finite either: the step is skipped
             self._bad_terms = {k: float(v.float().mean()) for k, v in terms.items()}
         # logged as they are, NaN or inf on a skipped step: a value left out would show as
@@ -556,6 +568,33 @@ class ImageModel(L.LightningModule):
         if self.latent_dims:
             self.log("train/kl_weight", self.kl_weight)
         return loss
+
+    def training_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training objective of batch x and its per-example terms: what each training
+        step differentiates, compiled when ``compile_training`` says so."""
+        terms = self.elbo_terms(x) if not self.compile_training else self._compiled_terms(x)
+        return self.loss(self.checked(terms)), terms
+
+    def _compiled_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self._compile_failed:
+            return self.elbo_terms(x)
+        mode = "default" if self.compile_training is True else self.compile_training
+        try:
+            if mode == "reduce-overhead":  # a new step: the last one's graph outputs are done
+                torch.compiler.cudagraph_mark_step_begin()
+            return compiled(type(self).elbo_terms, mode)(self, x)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as error:
+            terms = self.elbo_terms(x)  # an error of the model, not the compiler, is raised here
+            self._compile_failed = True
+            warnings.warn(
+                f"compile_training={self.compile_training!r}: torch.compile failed"
+                f" ({type(error).__name__}: {str(error).strip()[:500]}); training goes on"
+                " eagerly. Set compile_training: false to skip the attempt.",
+                stacklevel=2,
+            )
+            return terms
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         """Run forward and backward, then update only if every gradient is finite.
@@ -664,10 +703,11 @@ def saved_weights(path: str | os.PathLike, option: str) -> dict[str, torch.Tenso
 
 
 @functools.cache
-def compiled(fn: Callable) -> Callable:
-    """``torch.compile(fn)``, wrapped once per function: wrapping costs ~1 ms, too much for
-    every training step, and nothing is stored on the model, which stays picklable."""
-    return torch.compile(fn)
+def compiled(fn: Callable, mode: CompileMode = "default") -> Callable:
+    """``torch.compile(fn, mode=mode)``, wrapped once per function and mode: wrapping costs
+    ~1 ms, too much for every training step, and nothing is stored on the model, which stays
+    picklable."""
+    return torch.compile(fn, mode=mode)
 
 
 def log_mean_exp(log_w: torch.Tensor, dim: int = -1) -> torch.Tensor:

@@ -11,8 +11,6 @@ from test_cli import QUIET, arvae, ok, read_report
 from lightning_modules import VLAE, HierarchicalPixelVAE, PixelCNN, PixelVAE
 from lightning_modules.likelihoods import Bernoulli, Categorical
 
-torch.set_num_threads(2)
-
 
 def binary_images(n: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)

@@ -86,10 +86,11 @@ def reference_log_prob(params, x, n_mix, bits, log_scale_min=-7.0):
 # 1. normalization
 
 
-@pytest.mark.parametrize("seed, n_mix", [(0, 10), (1, 3)])
-def test_every_8bit_colour_sums_to_one(seed, n_mix):
-    lik = DiscretizedLogisticMixture(n_mix=n_mix)
-    params = random_params(seed, n_mix, 3, big=True)
+def test_every_8bit_colour_sums_to_one():
+    """All 256^3 colours (a minute per mixture size on a CPU core: 3 logistics here; the
+    quantized sums below take 7 and 10 over every colour at 3 to 5 bits)."""
+    lik = DiscretizedLogisticMixture(n_mix=3)
+    params = random_params(1, 3, 3, big=True)
     assert abs(total_probability(lik, params, 3) - 1) < 1e-5
 
 

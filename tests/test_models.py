@@ -11,8 +11,6 @@ from decoders import gated, plain
 
 from lightning_modules import PixelCNN, PixelVAE
 
-torch.set_num_threads(2)
-
 
 def binary_images(n: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)

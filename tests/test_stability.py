@@ -3,6 +3,8 @@ too many in a row stop the run with a clear error and a checkpoint of the last g
 
 import csv
 import math
+import os
+import shutil
 
 import lightning as L
 import pytest
@@ -12,6 +14,8 @@ from test_cli import DDP_TIMEOUT, QUIET, TINY_DATA, TINY_MODEL, arvae
 from tiny_data import TinyBinary
 
 from lightning_modules import PixelCNN
+
+CXX = any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++"))
 
 
 class Flaky(PixelCNN):
@@ -121,3 +125,81 @@ def test_under_ddp_a_nan_on_one_rank_is_skipped_by_every_rank_then_too_many_stop
             if r.get("train/skipped_steps")
         ]
     assert skipped[0] == 1.0 and max(skipped) >= 3.0
+
+
+class FlakyLoss(Flaky):
+    """Flaky's NaN put into the loss, after the (compiled) forward: the compiled graph reads
+    nothing of the trainer, so it stays one graph."""
+
+    def elbo_terms(self, x):
+        return PixelCNN.elbo_terms(self, x)
+
+    def loss(self, terms):  # by global step, which a resumed run continues
+        loss = super().loss(terms)
+        return loss * math.nan if self.trainer.global_step in self.bad else loss
+
+
+@pytest.mark.skipif(not CXX, reason="torch.compile on a CPU needs a C++ compiler")
+def test_compiled_training_keeps_the_guard_and_resumes_exactly(tmp_path):
+    """compile_training (the CUDA-graph mode, which on a CPU compiles as the default one): a
+    NaN step is skipped as in eager training, and a run stopped mid-epoch and resumed from
+    its checkpoint ends with the weights of the run that was never stopped."""
+    torch._dynamo.reset()
+
+    def fit(ckpt: str | None = None) -> FlakyLoss:
+        L.seed_everything(0)
+        model = FlakyLoss(bad=(2,), compile_training="reduce-overhead")
+        t = trainer(tmp_path, steps=8)
+        t.callbacks.append(  # the checkpoint that a mid-epoch stop would leave
+            L.pytorch.callbacks.ModelCheckpoint(tmp_path, every_n_train_steps=4, save_top_k=-1)
+        )
+        t.fit(model, datamodule=TinyBinary(n_train=96, batch_size=16), ckpt_path=ckpt)
+        return model
+
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    whole = fit()  # 8 steps over 6-batch epochs; batch 2's NaN skipped
+    assert counters["stats"]["unique_graphs"] >= 1 and not whole._compile_failed
+    assert whole.skipped_steps == 1 and whole.trainer.global_step == 8
+    assert all(torch.equal(whole.seen[2][k], v) for k, v in whole.seen[3].items())
+    assert all(torch.isfinite(p).all() for p in whole.parameters())
+    resumed = fit(str(tmp_path / "epoch=0-step=4.ckpt"))
+    for k, v in whole.state_dict().items():
+        assert torch.equal(resumed.state_dict()[k], v), k
+
+
+def test_a_compiler_failure_warns_once_and_trains_eagerly(monkeypatch):
+    """Where torch.compile cannot run (no C++ compiler, no Triton), training goes on eagerly
+    with one warning that says so; an error of the model itself is not swallowed."""
+    import lightning_modules.base as base
+
+    calls = []
+
+    def broken(fn, mode):
+        def run(*args):
+            calls.append(mode)
+            raise RuntimeError("InductorError: no working C++ compiler found")
+
+        return run
+
+    monkeypatch.setattr(base, "compiled", broken)
+    x = torch.bernoulli(torch.full((4, 1, 28, 28), 0.3))
+    eager = Flaky().eval()  # eval: Flaky reads its trainer in training mode; there is none
+    model = Flaky(compile_training=True).eval()
+    model.load_state_dict(eager.state_dict())
+    with pytest.warns(UserWarning, match="torch.compile failed.*no working C.. compiler.*eagerly"):
+        loss, _ = model.training_loss(x)
+    torch.testing.assert_close(loss, eager.training_loss(x)[0], rtol=0, atol=0)
+    model.training_loss(x)  # no second attempt, no second warning
+    assert calls == ["default"]
+
+    def wrong(x):
+        raise ValueError("the model's own error")
+
+    model = Flaky(compile_training="max-autotune").eval()
+    monkeypatch.setattr(model, "elbo_terms", wrong)
+    with pytest.raises(ValueError, match="the model's own error"):
+        model.training_loss(x)
+    with pytest.raises(ValueError, match="compile_training must be"):
+        Flaky(compile_training="fast")

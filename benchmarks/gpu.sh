@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The GPU measurements of the speed issue in one prepared run (< 8 minutes on one H100/H200),
+# in an environment where arvae is installed with a CUDA build of torch:
+#   OUT=/tmp/gpu bash benchmarks/gpu.sh
+# 1. The 13-layer x 32-channel gated PixelCNN (batch 64): training images/s and MFU in fp32
+#    and bf16-mixed, eager, compiled and compiled with CUDA graphs (reduce-overhead), plus
+#    cached and uncached sampling (on the GPU, from the same noise: 'same draws').
+# 2. The Table 1 Gated PixelVAE: the same, and IWAE test images/s at k = 5000.
+# Five logs go to $OUT (the device tool brings back at most 8 files).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/arvae_gpu}
+mkdir -p "$OUT"
+export WANDB_MODE=offline
+{ nvidia-smi; python -c "import torch; print(torch.__version__, torch.version.cuda)"; } \
+    >"$OUT/machine.txt" 2>&1
+for mode in eager default reduce-overhead; do
+    compile=()
+    [ "$mode" != eager ] && compile=(--compile "$mode")
+    timeout 100 python benchmarks/table.py gated_pixelcnn --batch 64 --train-seconds 20 \
+        --iwae-k 0 "${compile[@]}" $([ "$mode" = eager ] && echo --uncached) \
+        >"$OUT/gated_pixelcnn_$mode.txt" 2>&1
+done
+timeout 150 python benchmarks/table.py gated_pixelvae --train-seconds 20 --compile reduce-overhead \
+    --iwae-k 5000 --iwae-images 16 >"$OUT/gated_pixelvae.txt" 2>&1
+tail -n 20 "$OUT"/*.txt
