@@ -65,15 +65,16 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 EXP = ROOT / "experiments"
 MNIST = [EXP / "pixelvae/_mnist_common.yaml"]
-CONFIGS: dict[str, list[Path]] = {  # name -> the YAML files, in `arvae fit -c` order
+NATURAL = [EXP / "pixelvae/_natural_common.yaml", EXP / "pixelvae/_hierarchical_32px.yaml"]
+CONFIGS: dict[str, list[Path]] = {  # name -> the YAML files, in the README's `arvae fit -c` order
     "gated_pixelcnn": MNIST + [EXP / "pixelvae/gated_pixelcnn.yaml"],
     "gated_pixelvae": MNIST + [EXP / "pixelvae/gated_pixelvae.yaml"],
-    "vlae": [EXP / "vlae/mnist_static.yaml"],
+    "vlae": [EXP / "vlae/_common.yaml", EXP / "vlae/mnist_static.yaml"],
     # slow on a CPU: opt-in
     "pixelcnnpp": [EXP / "pixelcnnpp/cifar10.yaml"],
-    "hierarchical_cifar10": [EXP / "pixelvae/cifar10_hierarchical.yaml"],
+    "hierarchical_cifar10": NATURAL + [EXP / "pixelvae/cifar10_hierarchical.yaml"],
     "grayscale_cifar10": [EXP / "auxiliary/grayscale_cifar10.yaml"],
-    "agave_cifar10": [EXP / "agave/cifar10_demo.yaml"],
+    "agave_cifar10": [EXP / "agave/_cifar10.yaml", EXP / "agave/cifar10_lambda12.yaml"],
 }
 DEFAULT = ["gated_pixelcnn", "gated_pixelvae", "vlae"]
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}  # dense
@@ -381,7 +382,7 @@ def run_config(spec: str, args) -> dict:
         for r, rate in zip(rows, rates.values(), strict=True):
             r[f"train_img_s/{precision}"] = rate["steps_per_s"] * batch
             r[f"train_steps/{precision}"] = rate["steps"]
-        speeds = ", ".join(f"{n} {v['steps_per_s'] * batch:.1f} img/s" for n, v in rates.items())
+        speeds = ", ".join(f"{n} {v['steps_per_s'] * batch:.4g} img/s" for n, v in rates.items())
         print(f"  {spec} train {precision}: {speeds}", flush=True)
 
     model.eval()
@@ -444,7 +445,7 @@ def markdown(rows: list[dict], precisions: list[str], peak_tflops: float | None)
         mfu = tflops / peak_tflops if tflops and peak_tflops else None
         iwae = r.get("iwae_img_s")
         cells = [r["config"], r["impl"], f"{r['params'] / 1e6:.2f}M", str(r["batch"])]
-        cells += [cell(v, "{:.1f}") for v in rates]
+        cells += [cell(v, "{:.4g}") for v in rates]
         cells += [cell(tflops, "{:.4f}"), cell(mfu, "{:.1%}")]
         cells += [
             cell(r.get("sample_s_per_image/cached"), "{:.4f}"),
