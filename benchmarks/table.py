@@ -33,13 +33,13 @@ on a GPU.
   logistics, dropout) and predicts its sampler's time (one whole-canvas forward and draw
   per pixel, every one the same cost: H x W x one timed step).
 
-Configs are named (``CONFIGS``: the default three run in ~5 minutes on 2 cores; the others
+Configs are named (``CONFIGS``: the default three ran in 190 s on 2 cores; the others
 take longer and are opt-in) or given as YAML files joined by '+':
 
     python benchmarks/table.py
     python benchmarks/table.py gated_pixelcnn --uncached --pytorch-generative ~/pg
     python benchmarks/table.py pixelcnnpp --batch 16 --pixel-cnn-pp /tmp/pixel-cnn-pp
-    python benchmarks/table.py experiments/vlae/caltech.yaml --set model.init_args.latent_dim=32
+    python benchmarks/table.py vlae --set model.init_args.latent_dim=32
     python benchmarks/table.py a.yaml+b.yaml  # fit -c a.yaml -c b.yaml
     python benchmarks/table.py --device cuda --compile reduce-overhead --json out.json
 """
