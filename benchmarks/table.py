@@ -80,10 +80,14 @@ DEFAULT = ["gated_pixelcnn", "gated_pixelvae", "vlae"]
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}  # dense
 
 
+def config_files(spec: str) -> list[Path]:
+    """A named config's YAML files, or the files of 'a.yaml+b.yaml'."""
+    return CONFIGS.get(spec) or [Path(f) for f in spec.split("+")]
+
+
 # --------------------------------------------------------------------------- the machine
 def machine(device: str) -> dict:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from cpu_bench import environment
+    from cpu_bench import environment  # benchmarks/ is on sys.path: see main()
 
     env = environment()
     env["device"] = device
@@ -292,9 +296,11 @@ def pytorch_generative_rows(path: Path, match: dict, x: torch.Tensor, args) -> t
 
         return run
 
-    def sample() -> torch.Tensor:
+    def sample() -> float:  # seconds per batch, after one untimed call (as pixel-cnn-pp's)
         with torch.no_grad():
-            return peer.sample(n_samples=args.sample_batch)
+            one = lambda: peer.sample(n_samples=args.sample_batch)  # noqa: E731
+            one()
+            return timed(one, x.device.type)[0]
 
     params = sum(p.numel() for p in peer.parameters())
     name = f"pytorch-generative GatedPixelCNN {match['n_layers']} x {match['channels']} (3x3)"
@@ -344,8 +350,7 @@ def run_config(spec: str, args) -> dict:
 
     torch.manual_seed(0)
     device = args.device
-    files = CONFIGS[spec] if spec in CONFIGS else [Path(p) for p in spec.split("+")]
-    model, batch = build(files, args.batch, args.compile, args.set)
+    model, batch = build(config_files(spec), args.batch, args.compile, args.set)
     model = model.to(device)
     x = synthetic(model, batch, device)
     if getattr(model, "initialized", None) is not None:
@@ -402,10 +407,7 @@ def run_config(spec: str, args) -> dict:
             print(f"  {spec} sample uncached: {seconds / n:.3f} s/image", flush=True)
     for r, (_, _, _, peer_sample, _) in zip(rows[1:], peers, strict=True):
         if args.peer_sampling:
-            out = peer_sample()
-            seconds = out if isinstance(out, float) else None
-            if seconds is None:
-                seconds, _ = timed(peer_sample, device)
+            seconds = peer_sample()
             r["sample_s_per_image/peer"] = seconds / n
             print(f"  {r['impl']} sample: {seconds / n:.3f} s/image", flush=True)
 
@@ -518,8 +520,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--worker", help=argparse.SUPPRESS)  # one config, in a child process
     args = p.parse_args(argv)
     for spec in args.configs:
-        files = CONFIGS.get(spec) or [Path(f) for f in spec.split("+")]
-        missing = [str(f) for f in files if not Path(f).is_file()]
+        missing = [str(f) for f in config_files(spec) if not f.is_file()]
         if missing:
             p.error(f"config {spec!r}: no such file {missing} (names: {', '.join(CONFIGS)})")
     for opt in ("pytorch_generative", "pixel_cnn_pp"):

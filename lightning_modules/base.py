@@ -51,11 +51,11 @@ from .metrics import ActiveUnits, StandardError
 
 BOUNDS = ("nelbo", "nll_iwae", "bpd", "bpd_iwae")  # the headline test numbers
 TermKind = Literal["bound", "kl", "auxiliary", "diagnostic"]
-CompileMode = Literal["default", "reduce-overhead", "max-autotune"]  # torch.compile's modes
 """How a term of ``elbo_terms`` counts: ``bound``, a term of -ELBO and of the loss; ``kl``,
 the same for a latent level's KL (``kl/<level>``: KL warm-up and free bits apply to these
 only); ``auxiliary``, a term of the loss that is not part of the bound (AGAVE's
 reconstruction of its auxiliary image); ``diagnostic``, logged but in neither."""
+CompileMode = Literal["default", "reduce-overhead", "max-autotune"]  # torch.compile's modes
 
 
 class ImageModel(L.LightningModule):

@@ -1,13 +1,12 @@
 """Properties of the models through their shared contract."""
 
 import math
-import os
-import shutil
 
 import lightning as L
 import pytest
 import torch
 from decoders import gated, plain
+from test_stability import CXX
 
 from lightning_modules import PixelCNN, PixelVAE
 
@@ -199,10 +198,7 @@ def test_pixelcnn_on_8bit_images_is_a_256_way_model():
     assert sample.shape == (2, 3, 6, 6) and 0 <= sample.min() and sample.max() <= 255
 
 
-@pytest.mark.skipif(
-    not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++")),
-    reason="torch.compile on a CPU needs a C++ compiler",
-)
+@pytest.mark.skipif(not CXX, reason="torch.compile on a CPU needs a C++ compiler")
 def test_compiled_training_matches_eager_and_compiles_once(tmp_path):
     """compile_training=True: the same updates as eager (inductor drawing its random
     numbers as eager does, so both see the same z), one graph for all steps, and the same
