@@ -13,6 +13,8 @@ from lightning_modules.backbone.pixelcnnpp import (
     PixelCNNppNet,
     ShiftedConv2d,
     ShiftedConvTranspose2d,
+    concat_elu,
+    padded_concat_elu,
     resize_map,
 )
 
@@ -204,21 +206,59 @@ def test_missing_or_unexpected_conditioning_is_an_error():
     assert PixelCNNppNet.receptive_rows is None
 
 
-@pytest.mark.parametrize("p", [0.2, 0.5])
+@pytest.mark.parametrize("p", [0.2, 0.5, 0.37])
 def test_dropout_zeroes_each_element_with_probability_p_and_rescales_the_rest(p):
-    """The fast mask (uniform >= p) is nn.Dropout's distribution: a fraction p of elements
-    dropped, independently, the rest scaled by 1 / (1 - p), the gradient masked alike; off in
-    eval mode."""
+    """The fast mask (16 random bits per element against p's threshold) is nn.Dropout's
+    distribution with p rounded to a multiple of 2^-16: a fraction p of elements dropped,
+    independently (neighbours in memory too: four masks share a 64-bit draw), the rest scaled
+    by 1 / (1 - p), the gradient masked alike; off in eval mode. The mask follows a
+    channels-last input's layout."""
     torch.manual_seed(0)
     drop = Dropout(p).train()
-    x = torch.ones(200_000, requires_grad=True)
+    rounded = round(p * 2**16) / 2**16
+    assert abs(rounded - p) <= 2**-17
+    x = torch.ones(8, 50, 25, 20).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
     y = drop(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
     kept = y != 0
     sd = math.sqrt(p * (1 - p) / x.numel())
     assert abs((1 - kept.float().mean().item()) - p) < 5 * sd
-    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / (1 - p)))
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / (1 - rounded)))
     y.sum().backward()
-    torch.testing.assert_close(x.grad, kept.float() / (1 - p))
-    pairs = kept[:-1].float() * kept[1:].float()  # neighbours kept independently
-    assert abs(pairs.mean().item() - (1 - p) ** 2) < 5 * math.sqrt((1 - p) ** 2 / x.numel())
+    torch.testing.assert_close(x.grad, kept.float() / (1 - rounded))
+    flat = kept.permute(0, 2, 3, 1).flatten().float()  # memory order
+    for lag in (1, 2, 3, 4):  # within one 64-bit draw and across draws
+        pairs = flat[:-lag] * flat[lag:]
+        assert abs(pairs.mean().item() - (1 - p) ** 2) < 5 * math.sqrt((1 - p) ** 2 / x.numel())
     assert torch.equal(drop.eval()(x), x)
+
+
+def test_dropout_near_one_drops_everything_and_near_zero_nothing():
+    x = torch.randn(3, 4, 5, 6)
+    assert torch.equal(Dropout(1 - 2**-20).train()(x), torch.zeros_like(x))
+    assert torch.equal(Dropout(2**-20).train()(x), x)
+
+
+@pytest.mark.parametrize("pad", [(0, 0, 0, 0), (1, 1, 1, 0), (1, 0, 1, 0), (2, 1, 1, 1)])
+@pytest.mark.parametrize("n_parts", [1, 2])
+def test_padded_concat_elu_is_the_padded_composition_with_its_gradient(pad, n_parts):
+    """The fused op that feeds a gated block's unpadded convolutions equals
+    F.pad(concat_elu(cat(parts)), pad) (channel order [elu(parts), elu(-parts)]) at odd sizes,
+    channels last, and its backward is the composition's gradient (gradcheck, float64)."""
+    torch.manual_seed(0)
+    parts = tuple(torch.randn(2, c, 5, 7, dtype=torch.float64) for c in (3, 2)[:n_parts])
+    out = padded_concat_elu(parts, pad)
+    expected = torch.nn.functional.pad(concat_elu(torch.cat(parts, dim=1)), pad)
+    torch.testing.assert_close(out, expected, rtol=1e-15, atol=1e-15)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    leaves = tuple(p.clone().requires_grad_() for p in parts)
+    assert torch.autograd.gradcheck(lambda *a: padded_concat_elu(a, pad), leaves)
+    half = padded_concat_elu(tuple(p.to(torch.bfloat16) for p in parts), pad)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.double(), expected, rtol=1e-2, atol=1e-2)
+    mixed = (leaves[0].detach().to(torch.bfloat16).requires_grad_(), *leaves[1:])
+    out = padded_concat_elu(mixed, pad)  # promoted, each gradient in its part's dtype
+    assert out.dtype == (torch.float64 if n_parts == 2 else torch.bfloat16)
+    out.sum().backward()
+    assert [p.grad.dtype for p in mixed] == [p.dtype for p in mixed]

@@ -61,7 +61,7 @@ class EmbeddingNet(nn.Module):
         h = torch.cat([x_hat, torch.ones_like(x_hat[:, :1])], dim=1)
         h = self.first(h)
         for number, block in enumerate(self.blocks, start=1):
-            h = block(h, None, None, None)
+            h = block(h, (), None, None)
             if number in self.up_after:
                 h = F.interpolate(h, scale_factor=2, mode="nearest")
             if str(number) in self.resample:
