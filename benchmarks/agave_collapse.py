@@ -114,8 +114,7 @@ def main(args) -> None:
     model = AGAVE(image_shape=(3, 32, 32), lam=2.0, latent_channels=args.latent_channels,
                   width=args.width, blocks=1, pixelcnn=net,
                   likelihood=DiscretizedLogisticMixture(n_mix=args.n_mix))  # fmt: skip
-    model.data_dependent_init(train_x[: 2 * args.batch_size])
-    model.initialized.fill_(True)
+    model.initialize_from(train_x[: 2 * args.batch_size])
     optimizer = torch.optim.Adamax(model.parameters(), lr=args.lr)
     print(f"AGAVE: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters,"
           f" {len(train_x)} training / {len(test_x)} held-out images, batch {args.batch_size},"

@@ -38,13 +38,15 @@ a. Likelihood agreement. The peer's network (a fresh one, and the same after
 
 b. Training speed side by side. The peer's ``PixelCNN`` + its loss (summed over the batch;
    Adam at its default lr 2e-4, as in its main.py) and arvae's ``PixelCNNpp``
-   (``elbo_terms`` -> its training loss, the batch mean; Adam from ``configure_optimizers``),
+   (``training_loss``, the batch mean, as ``training_step`` runs it; Adam from
+   ``configure_optimizers``),
    both at ``--nr-resnet`` blocks x ``--nr-filters`` filters, 10 logistics, dropout
    ``--dropout``, on ``--batch`` real 32x32 RGB images. One training step = forward, loss,
    backward, Adam step (arvae's Lightning step also takes one global gradient norm; not
    here). After ``--warmup-steps`` untimed steps each, the two alternate in ``--rounds``
    interleaved rounds (order swapped every round) of ``--seconds / --rounds`` seconds each
-   (at least one step); images/s is the median over the rounds. Each precision (fp32, and
+   (at least one step; ``table.interleaved``, as in the benchmark table); images/s is the
+   median over the rounds. Each precision (fp32, and
    ``torch.autocast("cpu", dtype=torch.bfloat16)`` around forward and loss) is timed against
    the peer at the same precision. Under autocast the peer's loss runs on its bf16 output as
    its code has it (partly promoted to fp32 by its fp32 data); arvae's likelihood casts the
@@ -89,7 +91,6 @@ import contextlib
 import math
 import os
 import re
-import statistics
 import subprocess
 import sys
 import time
@@ -103,6 +104,7 @@ import numpy as np
 import torch
 from cpu_bench import cpu_flags
 from einops import rearrange
+from table import interleaved
 from torch import nn
 
 from datamodules.cifar10 import load_sample
@@ -523,44 +525,37 @@ def speed_part(args, peer, images: torch.Tensor) -> None:
         image_shape=(3, 32, 32),
         lr=2e-4,  # the peer's default, so the last bits/dim columns compare
     )
-    with torch.no_grad():
-        arvae.data_dependent_init(batches[0])  # what training does once; the peer has none
+    arvae.initialize_from(batches[0])  # what training does once; the peer has none
     arvae.train()
     arvae_opt = arvae.configure_optimizers()
 
     def count(m: nn.Module) -> int:
         return sum(p.numel() for p in m.parameters())
 
-    def peer_step(levels: torch.Tensor, bf16: bool) -> float:
+    cursor, last = {"peer": 0, "arvae": 0}, {}
+
+    def batch(name: str) -> torch.Tensor:  # each implementation cycles through the batches
+        cursor[name] += 1
+        return batches[(cursor[name] - 1) % n_batches]
+
+    def peer_step(bf16: bool) -> None:
+        levels = batch("peer")
         x = peer_input(levels)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), peer_on_cpu():
             loss = peer.loss(x, peer_forward(peer_model, x))
         peer_opt.zero_grad(set_to_none=True)
         loss.backward()
         peer_opt.step()
-        return loss.item() / (levels.numel() * math.log(2))
+        last["peer"] = loss.item() / (levels.numel() * math.log(2))
 
-    def arvae_step(levels: torch.Tensor, bf16: bool) -> float:
+    def arvae_step(bf16: bool) -> None:
+        levels = batch("arvae")
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = arvae.loss(arvae.checked(arvae.elbo_terms(levels)))
+            loss, _ = arvae.training_loss(levels)
         arvae_opt.zero_grad(set_to_none=True)
         loss.backward()
         arvae_opt.step()
-        return loss.item() / (levels[0].numel() * math.log(2))
-
-    steps = {"peer": peer_step, "arvae": arvae_step}
-    cursor = dict.fromkeys(steps, 0)
-
-    def run(name: str, bf16: bool, seconds: float) -> tuple[int, float, float]:
-        """Steps of one implementation until ``seconds`` have passed (at least one)."""
-        done, bpd, start = 0, math.nan, time.perf_counter()
-        while True:
-            bpd = steps[name](batches[cursor[name] % n_batches], bf16)
-            cursor[name] += 1
-            done += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= seconds:
-                return done, elapsed, bpd
+        last["arvae"] = loss.item() / (levels[0].numel() * math.log(2))
 
     print(
         f"\n== b. training speed: {args.nr_resnet} blocks x {args.nr_filters} filters,"
@@ -574,28 +569,18 @@ def speed_part(args, peer, images: torch.Tensor) -> None:
     rows = []
     for precision in args.precisions:
         bf16 = precision == "bf16"
-        for name in steps:
-            for _ in range(args.warmup_steps):
-                steps[name](batches[cursor[name] % n_batches], bf16)
-                cursor[name] += 1
-        rates = {name: [] for name in steps}
-        n_steps = dict.fromkeys(steps, 0)
-        last = {}
-        for r in range(args.rounds):
-            order = list(steps) if r % 2 == 0 else list(reversed(steps))
-            for name in order:
-                done, elapsed, last[name] = run(name, bf16, args.seconds / args.rounds)
-                rates[name].append(done * args.batch / elapsed)
-                n_steps[name] += done
-        med = {name: statistics.median(v) for name, v in rates.items()}
+        steps = {"peer": partial(peer_step, bf16), "arvae": partial(arvae_step, bf16)}
+        timed = interleaved(steps, args.seconds, args.rounds, args.warmup_steps, "cpu")
+        images = {n: [r * args.batch for r in t["rates"]] for n, t in timed.items()}
+        med = {n: t["steps_per_s"] * args.batch for n, t in timed.items()}
         for name in steps:
             rows.append(
                 [
                     precision,
                     name,
                     f"{med[name]:.2f}",
-                    f"{min(rates[name]):.2f}-{max(rates[name]):.2f}",
-                    str(n_steps[name]),
+                    f"{min(images[name]):.2f}-{max(images[name]):.2f}",
+                    str(timed[name]["steps"]),
                     f"{args.batch / med[name]:.2f}",
                     f"{last[name]:.3f}",
                     f"{med['arvae'] / med['peer']:.2f}" if name == "arvae" else "",

@@ -170,7 +170,7 @@ def main() -> None:
         }
         x = torch.randint(0, 256, (args.batch, 3, size, size)).float()
         for model in models.values():
-            model.data_dependent_init(x)
+            model.initialize_from(x)
             model.eval()
         params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
         per_level = pyramid_seconds_per_pixel(models["pyramid"], args.batch)

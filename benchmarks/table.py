@@ -185,8 +185,9 @@ def sync(device: str) -> None:
 def interleaved(
     steps: dict[str, Callable[[], None]], seconds: float, rounds: int, warmup: int, device: str
 ) -> dict[str, dict]:
-    """Steps/s of each implementation: ``warmup`` untimed steps each, then ``rounds`` rounds
-    of seconds/rounds each, the implementations taking turns (order reversed every round)."""
+    """Steps/s of each implementation (the median round; ``rates``: every round's): ``warmup``
+    untimed steps each, then ``rounds`` rounds of seconds/rounds each (at least one step),
+    the implementations taking turns (order reversed every round)."""
     for fn in steps.values():
         for _ in range(warmup):
             fn()
@@ -205,7 +206,10 @@ def interleaved(
                     break
             rates[name].append(done / elapsed)
             counts[name] += done
-    return {n: {"steps_per_s": statistics.median(v), "steps": counts[n]} for n, v in rates.items()}
+    return {
+        n: {"steps_per_s": statistics.median(v), "steps": counts[n], "rates": v}
+        for n, v in rates.items()
+    }
 
 
 def flops_per_step(step: Callable[[], None]) -> int:
@@ -353,10 +357,7 @@ def run_config(spec: str, args) -> dict:
     model, batch = build(config_files(spec), args.batch, args.compile, args.set)
     model = model.to(device)
     x = synthetic(model, batch, device)
-    if getattr(model, "initialized", None) is not None:
-        with torch.no_grad():
-            model.data_dependent_init(x)
-            model.initialized.fill_(True)
+    model.initialize_from(x)
     model.train()
     opt = the_optimizer(model)
     row = {

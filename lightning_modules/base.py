@@ -511,17 +511,23 @@ class ImageModel(L.LightningModule):
             self.run_seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
         key = [self.run_seed, self.current_epoch, batch_idx, self.global_rank]
         torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
+        if self.initialize_from(batch[0]) and dist.is_available() and dist.is_initialized():
+            with torch.no_grad():
+                for p in self.parameters():
+                    dist.broadcast(p.data, src=0)
+
+    def initialize_from(self, x: torch.Tensor) -> bool:
+        """Run the data-dependent init on batch ``x`` unless the model has none or has run it
+        (its ``initialized`` flag, which this sets); whether it ran. Training calls it on the
+        first batch; so do the benchmarks, which train outside Lightning's loop."""
         initialized = getattr(self, "initialized", None)
         if initialized is None or bool(initialized):
-            return
-        x, _ = batch
+            return False
         self.check_input(x)
         with torch.no_grad():
             self.data_dependent_init(x)
             initialized.fill_(True)
-            if dist.is_available() and dist.is_initialized():
-                for p in self.parameters():
-                    dist.broadcast(p.data, src=0)
+        return True
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
