@@ -16,6 +16,7 @@ resolution and added into every gate through a 1x1 convolution.
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn.utils import parametrize
 
 from .masked_conv import shift_down
@@ -80,6 +81,7 @@ class _PaddedConcatElu(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         (out,) = ctx.saved_tensors
         left, _, top, _ = ctx.pad
@@ -245,7 +247,8 @@ class Dropout(nn.Dropout):
             return torch.zeros_like(x)
         n = x.numel()
         words = x.new_empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1)
-        draws = words.view(torch.int16)[:n].as_strided(x.shape, x.stride())  # x's layout
+        layout = torch.empty_like(x, dtype=torch.int16, device="meta").stride()  # x's, if dense
+        draws = words.view(torch.int16)[:n].as_strided(x.shape, layout)
         keep = draws >= dropped - 2**15
         return x * keep.to(x.dtype).mul_(2**16 / (2**16 - dropped))
 
