@@ -88,6 +88,7 @@ and ``F.tanh`` / ``F.sigmoid`` are silenced. Its ``Variable`` calls are no-ops o
 
 import argparse
 import contextlib
+import itertools
 import math
 import os
 import re
@@ -532,14 +533,11 @@ def speed_part(args, peer, images: torch.Tensor) -> None:
     def count(m: nn.Module) -> int:
         return sum(p.numel() for p in m.parameters())
 
-    cursor, last = {"peer": 0, "arvae": 0}, {}
-
-    def batch(name: str) -> torch.Tensor:  # each implementation cycles through the batches
-        cursor[name] += 1
-        return batches[(cursor[name] - 1) % n_batches]
+    feeds = {name: itertools.cycle(batches) for name in ("peer", "arvae")}  # each its own
+    last = {}
 
     def peer_step(bf16: bool) -> None:
-        levels = batch("peer")
+        levels = next(feeds["peer"])
         x = peer_input(levels)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), peer_on_cpu():
             loss = peer.loss(x, peer_forward(peer_model, x))
@@ -549,7 +547,7 @@ def speed_part(args, peer, images: torch.Tensor) -> None:
         last["peer"] = loss.item() / (levels.numel() * math.log(2))
 
     def arvae_step(bf16: bool) -> None:
-        levels = batch("arvae")
+        levels = next(feeds["arvae"])
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss, _ = arvae.training_loss(levels)
         arvae_opt.zero_grad(set_to_none=True)

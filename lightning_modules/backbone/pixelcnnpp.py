@@ -64,11 +64,11 @@ class _PaddedConcatElu(torch.autograd.Function):
         out[:, :, :, :left].zero_()
         out[:, :, :, left + w :].zero_()
         inner = out[:, :, top : top + h, left : left + w]
-        start = 0
+        strided, start = _strided_elu_is_fast(out), 0
         for p in parts:
             k, p = p.shape[1], p.to(dtype)
             positive, negative = inner[:, start : start + k], inner[:, c + start : c + start + k]
-            if _strided_elu_is_fast(out):
+            if strided:
                 torch.ops.aten.elu.out(p, 1.0, 1, 1, out=positive)
                 torch.neg(p, out=negative)
                 F.elu(negative, inplace=True)
