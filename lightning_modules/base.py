@@ -48,6 +48,7 @@ from .backbone import (
 from .iwae_chunks import ChunkTuner, RetryPass
 from .likelihoods import LIKELIHOODS, Likelihood, bits_per_dim
 from .metrics import ActiveUnits, StandardError
+from .step_guard import StepGuard
 
 BOUNDS = ("nelbo", "nll_iwae", "bpd", "bpd_iwae")  # the headline test numbers
 TermKind = Literal["bound", "kl", "auxiliary", "diagnostic"]
@@ -157,9 +158,8 @@ class ImageModel(L.LightningModule):
             )
         self.compile_training = compile_training
         self._compile_failed = False
-        self.bad_steps = 0  # consecutive skipped steps
-        self.skipped_steps = 0
-        self._bad_terms: dict[str, float] = {}
+        self.guard = StepGuard()
+        self._step_terms: dict[str, torch.Tensor] = {}
         # latent level -> shape of one importance sample's standard-normal noise (top first
         # for hierarchies); empty: no latent, and the bound is the exact log-likelihood
         self.latent_shapes: dict[str, tuple[int, ...]] = {}
@@ -484,10 +484,11 @@ class ImageModel(L.LightningModule):
 
     # ------------------------------------------------------------------ Lightning
     def configure_optimizers(self):
-        """Adam or Adamax at ``lr``; on a GPU Adam is fused (one kernel for every parameter
-        instead of several per tensor: the small networks here are launch-bound)."""
+        """Adam or Adamax at ``lr``. Adam is fused: one kernel for every parameter instead of
+        several per tensor (the small networks here are launch-bound on a GPU), and it can
+        skip a non-finite step without a host sync."""
         cls = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax}[self.optimizer_name]
-        fused = {"fused": True} if cls is torch.optim.Adam and self.device.type == "cuda" else {}
+        fused = {"fused": True} if cls is torch.optim.Adam else {}
         optimizer = cls(self.parameters(), lr=self.lr, **fused)
         if self.lr_decay == 1.0:
             return optimizer
@@ -561,16 +562,15 @@ class ImageModel(L.LightningModule):
         x, _ = batch
         self.check_input(x)
         loss, terms = self.training_loss(x)
-        if not torch.isfinite(loss):  # its gradient is not finite either: the step is skipped
-            self._bad_terms = {k: float(v.float().mean()) for k, v in terms.items()}
         # logged as they are, NaN or inf on a skipped step: a value left out would show as
         # the epoch's last logged one in the step's row of metrics.csv
         self.log("train/loss", loss)  # warm-up / free-bits weighted: the bar shows the bound
         self.log("train/nelbo", self.nelbo(terms).mean(), prog_bar=True)
         if self.data_kind == "8bit":
             self.log("train/bpd", bits_per_dim(self.nelbo(terms).mean(), self.dims))
-        for name, value in terms.items():
-            self.log(f"train/{name}", value.mean())
+        self._step_terms = {name: value.mean().detach() for name, value in terms.items()}
+        for name, value in self._step_terms.items():
+            self.log(f"train/{name}", value)
         if self.latent_dims:
             self.log("train/kl_weight", self.kl_weight)
         return loss
@@ -605,29 +605,64 @@ class ImageModel(L.LightningModule):
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         """Run forward and backward, then update only if every gradient is finite.
 
-        Under DDP the gradients are all-reduced before this check, so a non-finite value on
-        any rank is seen by all of them and every rank skips the same step. The global
-        gradient norm is logged as ``train/grad_norm``. A skipped batch still counts in
-        ``global_step`` (as AMP's skipped steps do), so max_steps and schedules stay tied to
-        the batches seen. ``train/skipped`` is 1 on a skipped step, and its loss and gradient
-        norm are logged as they were (not finite).
+        The skip costs no host sync where the update can skip itself: Adam is fused, and is
+        told that the step's gradients are not finite (the kernel then leaves the weights,
+        moments and step count as they were); under fp16 AMP the gradient scaler skips the
+        step (and lowers its scale). Adamax's skip is decided on the host. Under DDP the
+        gradients are all-reduced before this check, so every rank skips the same steps.
+
+        The global gradient norm is logged as ``train/grad_norm``, ``train/skipped`` is 1 on
+        a skipped step (its loss and gradient norm are logged as they were, not finite) and
+        ``train/skipped_steps`` counts them. A skipped batch still counts in ``global_step``
+        (as AMP's skipped steps do), so max_steps and schedules stay tied to the batches
+        seen. ``max_bad_steps`` skipped steps in a row stop the run (under fp16 AMP, while
+        its scale is above 1, only those with a non-finite loss count). :class:`StepGuard`
+        reads the count a step late: the stop comes after the next step's backward, before
+        its update.
         """
-        optimizer_closure()
+        loss = optimizer_closure()  # forward and backward
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         # one fused (foreach) reduction: per-tensor norms cost a kernel launch each
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-        finite = bool(torch.isfinite(norm))
+        norm = norm.to(self.device)
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        scale = 1.0 if scaler is None else scaler.get_scale()  # fp16 AMP: gradients are scaled
+        norm = norm / scale
+        skipped = ~torch.isfinite(norm)
+        # while fp16 AMP's scale is above 1 an overflow is the scaler finding its scale (it
+        # skips the step and halves it): only a non-finite loss counts towards the stop
+        bad = skipped if scale <= 1 else skipped & ~torch.isfinite(loss.detach())
+        if self.guard.previous_run() >= self.max_bad_steps:
+            self._stop_on_nonfinite()
         self.log("train/grad_norm", norm)
-        self.log("train/skipped", float(not finite))
-        if finite:
-            self.bad_steps, self._bad_terms = 0, {}
-            optimizer.step()  # the closure already ran; clipping, if configured, applies here
-            return
-        self.bad_steps += 1
-        self.skipped_steps += 1
-        self.log("train/skipped_steps", float(self.skipped_steps))
-        optimizer.zero_grad()
-        if self.bad_steps >= self.max_bad_steps:
+        self.log("train/skipped", skipped.float())
+        inner = getattr(optimizer, "optimizer", optimizer)  # Lightning's wrapper holds it
+        skips_itself = scaler is not None or bool(inner.defaults.get("fused"))
+        if scaler is None and skips_itself:
+            inner.found_inf = skipped.float()  # read by the fused kernel: no host sync
+        if skips_itself or not bool(skipped):
+            # the closure ran: its result goes to the step, as Lightning's own closure's
+            # would (the AMP scaler steps only when it has one); clipping applies here
+            optimizer.step(closure=lambda: loss)
+        else:
+            optimizer.zero_grad()
+        inner.__dict__.pop("found_inf", None)
+        self.guard.record(skipped, bad, self._step_terms, self.global_step)
+        self.log("train/skipped_steps", self.guard.skipped.float())
+
+    @property
+    def skipped_steps(self) -> int:
+        """Training steps skipped so far in this run (reading it waits for the device)."""
+        return self.guard.skipped_steps
+
+    @property
+    def bad_steps(self) -> int:
+        """The current run of skipped steps (reading it waits for the device)."""
+        return self.guard.bad_steps
+
+    def on_train_end(self) -> None:
+        """The last steps of a run are checked too (the guard reads a step late)."""
+        if self.guard.previous_run() >= self.max_bad_steps:
             self._stop_on_nonfinite()
 
     def _stop_on_nonfinite(self) -> None:
@@ -636,13 +671,15 @@ class ImageModel(L.LightningModule):
         folder = Path(ckpt.dirpath if ckpt and ckpt.dirpath else trainer.default_root_dir)
         path = folder / "nonfinite-stop.ckpt"
         trainer.save_checkpoint(path)  # every rank calls it (a collective); rank 0 writes
-        terms = self._bad_terms or "finite loss, non-finite gradient"
+        terms = self.guard.last_bad_terms()
+        if all(math.isfinite(v) for v in terms.values()):
+            terms = f"{terms}: a finite loss, a non-finite gradient"
         raise FloatingPointError(
-            f"{self.bad_steps} training steps in a row had a non-finite loss or gradient (last"
-            f" at step {self.global_step}, batch terms: {terms}); the run stops. The last good"
-            f" weights are in {path}. Lower model.init_args.lr, turn on kl_warmup_steps or"
-            " gradient clipping (trainer.gradient_clip_val), or train with precision 32-true;"
-            " resume with --ckpt_path."
+            f"{self.max_bad_steps} training steps in a row had a non-finite loss or gradient"
+            f" (the last at step {self.guard.last_bad_step}, its loss terms: {terms}); the run"
+            f" stops. The last good weights are in {path}. Lower model.init_args.lr, turn on"
+            " kl_warmup_steps or gradient clipping (trainer.gradient_clip_val), or train with"
+            " precision 32-true; resume with --ckpt_path."
         )
 
     def _update(self, stage: str, name: str, values: torch.Tensor) -> None:

@@ -4,7 +4,9 @@ too many in a row stop the run with a clear error and a checkpoint of the last g
 import csv
 import math
 import os
+import pickle
 import shutil
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -14,6 +16,7 @@ from test_cli import DDP_TIMEOUT, QUIET, TINY_DATA, TINY_MODEL, arvae
 from tiny_data import TinyBinary
 
 from lightning_modules import PixelCNN
+from lightning_modules.step_guard import StepGuard
 
 CXX = any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++"))
 
@@ -119,12 +122,14 @@ def test_under_ddp_a_nan_on_one_rank_is_skipped_by_every_rank_then_too_many_stop
     stop = torch.load(run / "checkpoints" / "nonfinite-stop.ckpt", weights_only=False)
     assert all(torch.isfinite(v).all() for v in stop["state_dict"].values())
     with open(run / "metrics.csv", newline="") as f:
-        skipped = [
-            float(r["train/skipped_steps"])
+        skipped = {
+            int(r["step"]): float(r["train/skipped_steps"])
             for r in csv.DictReader(f)
             if r.get("train/skipped_steps")
-        ]
-    assert skipped[0] == 1.0 and max(skipped) >= 3.0
+        }
+    # both ranks skipped steps 1, 3, 4 and 5; the stop came in step 6, before its update
+    assert [skipped[s] for s in range(6)] == [0.0, 1.0, 1.0, 2.0, 3.0, 4.0]
+    assert 6 not in skipped
 
 
 class FlakyLoss(Flaky):
@@ -203,3 +208,110 @@ def test_a_compiler_failure_warns_once_and_trains_eagerly(monkeypatch):
         model.training_loss(x)
     with pytest.raises(ValueError, match="compile_training must be"):
         Flaky(compile_training="fast")
+
+
+def test_a_skipped_step_leaves_the_fused_adam_state_as_it_was(tmp_path):
+    """The fused Adam skips a non-finite step on the device: its moments and step count
+    after the skipped batch are those before it, not decayed ones."""
+
+    class Snapshots(Flaky):
+        def on_train_batch_start(self, batch, batch_idx):
+            super().on_train_batch_start(batch, batch_idx)
+            (opt,) = self.trainer.optimizers
+            state = {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+            self.states.append(state)
+
+    L.seed_everything(0)
+    model = Snapshots(bad=(2,))
+    model.states = []
+    t = trainer(tmp_path, steps=4)
+    t.fit(model, datamodule=TinyBinary(n_train=96, batch_size=16))
+    (opt,) = t.optimizers
+    assert opt.defaults["fused"] and not hasattr(opt, "found_inf")
+    before, after = model.states[2], model.states[3]
+    assert before.keys() == after.keys() and before
+    for p, state in before.items():
+        assert int(state["step"]) == 2 and int(after[p]["step"]) == 2
+        for k, v in state.items():
+            assert torch.equal(after[p][k], v), k
+    key = "net.head.out.weight"
+    assert not torch.equal(model.seen[3][key], model.state_dict()[key])  # batch 3 updated
+
+
+def test_adamax_skips_a_nonfinite_step_too(tmp_path):
+    L.seed_everything(0)
+    model = Flaky(bad=(1,), optimizer="adamax")
+    t = trainer(tmp_path, steps=3)
+    t.fit(model, datamodule=TinyBinary(n_train=96, batch_size=16))
+    assert isinstance(t.optimizers[0], torch.optim.Adamax) and model.skipped_steps == 1
+    assert all(torch.equal(model.seen[1][k], v) for k, v in model.seen[2].items())
+    key = "net.head.out.weight"
+    assert not torch.equal(model.seen[2][key], model.seen[0][key])
+
+
+def test_a_run_that_ends_in_too_many_nonfinite_steps_stops_with_the_error(tmp_path):
+    """The guard reads its count a step late; the run's last steps are checked at its end."""
+    L.seed_everything(0)
+    model = Flaky(bad=(3, 4), max_bad_steps=2)
+    with pytest.raises(FloatingPointError, match="2 training steps in a row.*the last at step 4"):
+        trainer(tmp_path, steps=5).fit(model, datamodule=TinyBinary(n_train=96, batch_size=16))
+    (path,) = tmp_path.rglob("nonfinite-stop.ckpt")
+    state = torch.load(path, weights_only=False)["state_dict"]
+    assert all(torch.equal(state[k], v) for k, v in model.seen[3].items())
+
+
+def test_fp16_amp_with_a_gradient_scaler_trains_and_skips_through_the_scaler(tmp_path):
+    """Under 16-mixed on a GPU Lightning steps through a GradScaler (here a CPU one). The
+    weights update (the scaler steps only when handed the closure's result); the logged
+    gradient norm is the unscaled one; the overflows of its first steps, while it halves its
+    scale from 2^16, are skipped but not counted towards the stop; a NaN loss is."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    def fit(scale: float | None, steps: int, **kwargs):
+        L.seed_everything(0)
+        model = Flaky(**kwargs)
+        scaler = torch.amp.GradScaler("cpu", init_scale=scale) if scale else None
+        t = L.Trainer(
+            max_steps=steps, accelerator="cpu", logger=L.pytorch.loggers.CSVLogger(tmp_path),
+            log_every_n_steps=1,
+            limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False,
+            default_root_dir=tmp_path,
+            plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)] if scaler else [],
+        )  # fmt: skip
+        t.fit(model, datamodule=TinyBinary(n_train=96, batch_size=16))
+        with open(Path(t.logger.log_dir) / "metrics.csv", newline="") as f:
+            norms = [float(r["train/grad_norm"]) for r in csv.DictReader(f) if r["train/grad_norm"]]
+        return model, scaler, norms
+
+    key = "net.head.out.weight"
+    model, scaler, norms = fit(2.0**7, steps=3)
+    assert model.skipped_steps == 0 and scaler.get_scale() == 2.0**7
+    assert not torch.equal(model.seen[0][key], model.seen[1][key])
+    _, _, fp32_norms = fit(None, steps=1)
+    assert norms[0] == pytest.approx(fp32_norms[0], rel=0.05)
+    # from 2^16 the first steps overflow in a row, more than max_bad_steps of them
+    model, scaler, norms = fit(2.0**16, steps=12, max_bad_steps=2)
+    calibration = model.skipped_steps
+    assert calibration > 2 and scaler.get_scale() == 2.0 ** (16 - calibration)
+    assert not any(math.isfinite(n) for n in norms[:calibration]) and math.isfinite(norms[-1])
+    assert not torch.equal(model.seen[-1][key], model.state_dict()[key])
+    with pytest.raises(FloatingPointError, match="2 training steps in a row"):
+        fit(2.0**7, steps=6, bad=(1, 2), max_bad_steps=2)
+
+
+def test_the_step_guard_reports_each_recorded_step_one_step_late():
+    guard = StepGuard()
+    assert guard.previous_run() == 0 and guard.skipped_steps == 0 and guard.last_bad_terms() == {}
+    runs = []
+    # a skip that is not bad (fp16 AMP finding its scale) ends a run of bad steps
+    steps = [(False, False), (True, True), (True, True), (True, False), (True, True)]
+    for step, (skipped, bad) in enumerate(steps):
+        terms = {"recon": torch.tensor(math.nan if bad else step), "kl/z": torch.tensor(1.0)}
+        guard.record(torch.tensor(skipped), torch.tensor(bad), terms, step)
+        runs.append(guard.previous_run())
+    assert runs == [0, 1, 2, 0, 1] and guard.last_bad_step == 4
+    assert guard.skipped_steps == 4 and guard.bad_steps == 1
+    terms = guard.last_bad_terms()
+    assert math.isnan(terms["recon"]) and terms["kl/z"] == 1.0
+    copy = pickle.loads(pickle.dumps(guard))
+    assert copy.previous_run() == 0 and copy.skipped_steps == 4
