@@ -637,7 +637,9 @@ class ImageModel(L.LightningModule):
         self.log("train/grad_norm", norm)
         self.log("train/skipped", skipped.float())
         inner = getattr(optimizer, "optimizer", optimizer)  # Lightning's wrapper holds it
-        skips_itself = scaler is not None or bool(inner.defaults.get("fused"))
+        # the groups say how it steps: one resumed from a checkpoint of an unfused Adam is not
+        fused = all(group.get("fused") for group in inner.param_groups)
+        skips_itself = scaler is not None or fused
         if scaler is None and skips_itself:
             inner.found_inf = skipped.float()  # read by the fused kernel: no host sync
         if skips_itself or not bool(skipped):

@@ -315,3 +315,24 @@ def test_the_step_guard_reports_each_recorded_step_one_step_late():
     assert math.isnan(terms["recon"]) and terms["kl/z"] == 1.0
     copy = pickle.loads(pickle.dumps(guard))
     assert copy.previous_run() == 0 and copy.skipped_steps == 4
+
+
+def test_a_run_resumed_from_an_unfused_adam_checkpoint_skips_on_the_host(tmp_path):
+    """A checkpoint of an earlier arvae (Adam unfused on a CPU) brings its optimizer groups,
+    which say unfused: the resumed run's Adam steps unfused, so the guard decides the skip
+    on the host instead of telling the kernel (which an unfused Adam refuses)."""
+    L.seed_everything(0)
+    t = trainer(tmp_path, steps=2)
+    t.fit(Flaky(), datamodule=TinyBinary(n_train=96, batch_size=16))
+    ckpt = torch.load(next(tmp_path.rglob("*.ckpt")), weights_only=False)
+    for group in ckpt["optimizer_states"][0]["param_groups"]:
+        group["fused"] = None
+    torch.save(ckpt, tmp_path / "unfused.ckpt")
+    model = Flaky(bad=(3,))
+    t = trainer(tmp_path, steps=5)
+    t.fit(
+        model, datamodule=TinyBinary(n_train=96, batch_size=16), ckpt_path=tmp_path / "unfused.ckpt"
+    )
+    assert t.optimizers[0].param_groups[0]["fused"] is None and model.skipped_steps == 1
+    assert all(torch.equal(model.seen[1][k], v) for k, v in model.seen[2].items())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
