@@ -14,7 +14,10 @@ on a GPU.
   both see the same machine load); the median round. One step is what ``training_step``
   runs (:meth:`ImageModel.training_loss`, with ``compile_training`` when ``--compile``
   sets it), its backward and the config's optimizer: no Lightning loop, no logging, the
-  same step the peer's loop runs. bf16 is autocast as Lightning's ``bf16-mixed``.
+  same step the peer's loop runs. bf16 is autocast as Lightning's ``bf16-mixed``. With
+  ``--fit-steps N`` also N steps through ``Trainer.fit`` as ``arvae fit`` runs them
+  (Lightning's loop, the stability guard), the device synchronized only at their two ends:
+  the cost of the loop beside the bare step.
   FLOPs per image are counted once (``torch.utils.flop_counter``, forward + backward), so
   the table shows the achieved TFLOP/s, and the MFU where the peak is known (GPUs listed in
   ``PEAK_BF16_TFLOPS``, or ``--peak-tflops``).
@@ -59,6 +62,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import lightning as L
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -175,6 +179,45 @@ def arvae_step(model, opt, x: torch.Tensor, bf16: bool) -> Callable[[], None]:
         opt.step()
 
     return step
+
+
+class FitClock(L.Callback):
+    """Times ``Trainer.fit``'s steps after ``warmup`` of them, the device synchronized only
+    at the two ends (a step that needs no host sync is timed as it runs in training)."""
+
+    def __init__(self, warmup: int, device: str) -> None:
+        self.warmup, self.device = warmup, device
+        self.start = self.end = 0.0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx + 1 == self.warmup:
+            sync(self.device)
+            self.start = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        sync(self.device)
+        self.end = time.perf_counter()
+
+
+def fit_steps_per_s(model, x: torch.Tensor, precision: str, steps: int, warmup: int) -> float:
+    """Steps/s of the training step as ``arvae fit`` runs it: ``Trainer.fit`` on batch ``x``
+    over and over (Lightning's loop and hooks, the stability guard, logging into no logger,
+    no progress bar or checkpoints); the model ends on x's device, as it began."""
+    device = x.device.type
+    clock = FitClock(warmup, device)
+    trainer = L.Trainer(
+        accelerator="gpu" if device == "cuda" else device, devices=1, precision=precision,
+        max_steps=warmup + steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        num_sanity_val_steps=0, callbacks=[clock],
+    )  # fmt: skip
+    batch = (x, torch.arange(len(x), device=x.device))
+    loader = torch.utils.data.DataLoader([batch] * (warmup + steps), batch_size=None)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*no `val_dataloader`")
+        trainer.fit(model, train_dataloaders=loader)
+    model.to(x.device)  # Lightning's teardown moves it to the CPU
+    return steps / (clock.end - clock.start)
 
 
 def sync(device: str) -> None:
@@ -424,6 +467,12 @@ def run_config(spec: str, args) -> dict:
         row["iwae_samples_per_pass"] = model.iwae_samples_per_pass(len(xi))
         print(f"  {spec} IWAE k={args.iwae_k}: {len(xi) / seconds:.3f} img/s", flush=True)
     row["peak_memory_mib"] = peak_memory_mib(device)
+    if args.fit_steps:
+        model.train()
+        for precision in args.precisions:
+            rate = fit_steps_per_s(model, x, precision, args.fit_steps, args.warmup_steps)
+            row[f"fit_img_s/{precision}"] = rate * batch
+            print(f"  {spec} train {precision} through Trainer.fit: {rate * batch:.4g} img/s")
     return {"rows": rows}
 
 
@@ -471,6 +520,10 @@ def ratios(rows: list[dict], precisions: list[str]) -> list[str]:
         if all(rates.get(p) for p in ("32-true", "bf16-mixed")):
             out.append(f"{r['config']}: bf16-mixed / 32-true training = "
                        f"{rates['bf16-mixed'] / rates['32-true']:.2f}x")  # fmt: skip
+        for p in precisions:
+            if rates.get(p) and r.get(f"fit_img_s/{p}"):
+                out.append(f"{r['config']}: Trainer.fit / the bare training step ({p}) = "
+                           f"{r[f'fit_img_s/{p}'] / rates[p]:.2f}x")  # fmt: skip
         if r.get("sample_s_per_image/uncached"):
             speedup = r["sample_s_per_image/uncached"] / r["sample_s_per_image/cached"]
             out.append(f"{r['config']}: cached sampling {speedup:.1f}x faster than uncached")
@@ -506,6 +559,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-seconds", type=float, default=20.0, help="per precision")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--warmup-steps", type=int, default=2)
+    p.add_argument("--fit-steps", type=int, default=0,
+                   help="also time this many training steps through Trainer.fit (the guard, "
+                   "Lightning's loop) after the warm-up ones")  # fmt: skip
     p.add_argument("--compile", help="compile_training mode (true, default, reduce-overhead)")
     p.add_argument("--sample-batch", type=int, default=16)
     p.add_argument("--uncached", action="store_true", help="time uncached sampling (slow)")

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import table  # noqa: E402
@@ -42,4 +43,27 @@ def test_ratios_come_from_the_rows():
     assert "c: peer sampling takes 100.0x as long as arvae's cached sampler" in lines
     assert "| c | arvae PixelCNN |" in table.markdown(
         [{**rows[0], "params": 1e6, "batch": 8, "flops_per_image": 1e9}], ["32-true"], 2.0
+    )
+
+
+def test_trainer_fit_steps_are_timed_and_the_model_stays_on_its_device(tmp_path):
+    from decoders import gated
+
+    from lightning_modules import PixelCNN
+
+    model = PixelCNN(pixelcnn=gated(n_layers=1, channels=4))
+    x = torch.bernoulli(torch.full((4, 1, 28, 28), 0.5))
+    before = [p.detach().clone() for p in model.parameters()]
+    rate = table.fit_steps_per_s(model, x, "32-true", steps=3, warmup=1)
+    assert 0 < rate < float("inf") and model.trainer.global_step == 4
+    assert all(p.device == x.device for p in model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    row = {
+        "config": "c",
+        "impl": "arvae PixelCNN",
+        "train_img_s/32-true": 8.0,
+        "fit_img_s/32-true": 6.0,
+    }
+    assert "c: Trainer.fit / the bare training step (32-true) = 0.75x" in table.ratios(
+        [row], ["32-true"]
     )
