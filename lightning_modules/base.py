@@ -659,7 +659,8 @@ class ImageModel(L.LightningModule):
 
     @property
     def bad_steps(self) -> int:
-        """The current run of skipped steps (reading it waits for the device)."""
+        """The current run of bad steps (skipped ones that count towards ``max_bad_steps``;
+        reading it waits for the device)."""
         return self.guard.bad_steps
 
     def on_train_end(self) -> None:

@@ -1,5 +1,5 @@
-"""The bookkeeping of the stability guard: which training steps had a non-finite gradient,
-how many in a row, and the loss terms of the last one.
+"""The bookkeeping of the stability guard: how many training steps were skipped (their
+gradient was not finite), how many bad ones in a row, and the loss terms of the last one.
 
 The counters stay on the model's device and the host reads them one step late: each step
 copies them to the host without waiting (on a GPU, with an event marking when the copy is
@@ -11,16 +11,16 @@ import torch
 
 
 class StepGuard:
-    """Counters of skipped training steps, updated on the device by :meth:`record`; the
-    run of bad steps that :meth:`previous_run` reports is the one recorded a step before."""
+    """Counters of skipped and bad training steps, updated on the device by :meth:`record`;
+    the run of bad steps that :meth:`previous_run` reports is the one recorded a step before."""
 
     def __init__(self) -> None:
-        self._run: torch.Tensor | None = None  # consecutive skipped steps, on the device
+        self._run: torch.Tensor | None = None  # consecutive bad steps, on the device
         self._skipped: torch.Tensor | None = None  # skipped steps since the run started
-        self._terms: torch.Tensor | None = None  # the last skipped step's loss terms
+        self._terms: torch.Tensor | None = None  # the last bad step's loss terms
         self._names: list[str] = []
         self._pending: tuple[torch.Tensor, torch.cuda.Event | None, int] | None = None
-        self.last_bad_step = -1  # the global step of the last skipped step the host has read
+        self.last_bad_step = -1  # the global step of the last bad step the host has read
 
     def __getstate__(self) -> dict:  # a copied model drops the in-flight copy (and its event)
         return {**self.__dict__, "_pending": None}
@@ -37,7 +37,8 @@ class StepGuard:
             self._skipped = torch.zeros_like(self._run)
         self._run = torch.where(bad, self._run + 1, 0)
         self._skipped = self._skipped + skipped
-        values = torch.stack([v.detach().float().reshape(()) for v in terms.values()])
+        values = [v.detach().float().reshape(()) for v in terms.values()]
+        values = torch.stack(values) if values else torch.zeros(0, device=bad.device)
         if self._terms is None or list(terms) != self._names:
             self._names, self._terms = list(terms), torch.full_like(values, torch.nan)
         self._terms = torch.where(bad, values, self._terms)
@@ -50,7 +51,7 @@ class StepGuard:
         self._pending = (copy, event, step)
 
     def previous_run(self) -> int:
-        """The number of skipped steps in a row up to the last recorded step (0 before any),
+        """The number of bad steps in a row up to the last recorded step (0 before any),
         waiting only for that step's copy."""
         if self._pending is None:
             return 0
@@ -73,11 +74,11 @@ class StepGuard:
 
     @property
     def bad_steps(self) -> int:
-        """The current run of skipped steps (reading it waits for the device)."""
+        """The current run of bad steps (reading it waits for the device)."""
         return int(self._run) if self._run is not None else 0
 
     def last_bad_terms(self) -> dict[str, float]:
-        """The loss terms of the last skipped step (reading them waits for the device)."""
+        """The loss terms of the last bad step (reading them waits for the device)."""
         if self._terms is None:
             return {}
         return dict(zip(self._names, self._terms.tolist(), strict=True))

@@ -336,3 +336,9 @@ def test_a_run_resumed_from_an_unfused_adam_checkpoint_skips_on_the_host(tmp_pat
     assert t.optimizers[0].param_groups[0]["fused"] is None and model.skipped_steps == 1
     assert all(torch.equal(model.seen[1][k], v) for k, v in model.seen[2].items())
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_the_step_guard_keeps_counting_without_loss_terms():
+    guard = StepGuard()
+    guard.record(torch.tensor(True), torch.tensor(True), {}, 0)
+    assert guard.previous_run() == 1 and guard.last_bad_terms() == {}
