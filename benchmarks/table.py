@@ -203,7 +203,7 @@ def fit_steps_per_s(model, x: torch.Tensor, precision: str, steps: int, warmup: 
     """Steps/s of the training step as ``arvae fit`` runs it: ``Trainer.fit`` on batch ``x``
     over and over (Lightning's loop and hooks, the stability guard, logging into no logger,
     no progress bar or checkpoints); the model ends on x's device, as it began."""
-    device = x.device.type
+    device, warmup = x.device.type, max(warmup, 1)  # the clock starts after a step
     clock = FitClock(warmup, device)
     trainer = L.Trainer(
         accelerator="gpu" if device == "cuda" else device, devices=1, precision=precision,
