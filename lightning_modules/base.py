@@ -565,9 +565,10 @@ class ImageModel(L.LightningModule):
         # logged as they are, NaN or inf on a skipped step: a value left out would show as
         # the epoch's last logged one in the step's row of metrics.csv
         self.log("train/loss", loss)  # warm-up / free-bits weighted: the bar shows the bound
-        self.log("train/nelbo", self.nelbo(terms).mean(), prog_bar=True)
+        nelbo = self.nelbo(terms).mean()
+        self.log("train/nelbo", nelbo, prog_bar=True)
         if self.data_kind == "8bit":
-            self.log("train/bpd", bits_per_dim(self.nelbo(terms).mean(), self.dims))
+            self.log("train/bpd", bits_per_dim(nelbo, self.dims))
         self._step_terms = {name: value.mean().detach() for name, value in terms.items()}
         for name, value in self._step_terms.items():
             self.log(f"train/{name}", value)
@@ -639,10 +640,9 @@ class ImageModel(L.LightningModule):
         inner = getattr(optimizer, "optimizer", optimizer)  # Lightning's wrapper holds it
         # the groups say how it steps: one resumed from a checkpoint of an unfused Adam is not
         fused = all(group.get("fused") for group in inner.param_groups)
-        skips_itself = scaler is not None or fused
-        if scaler is None and skips_itself:
+        if scaler is None and fused:
             inner.found_inf = skipped.float()  # read by the fused kernel: no host sync
-        if skips_itself or not bool(skipped):
+        if scaler is not None or fused or not bool(skipped):
             # the closure ran: its result goes to the step, as Lightning's own closure's
             # would (the AMP scaler steps only when it has one); clipping applies here
             optimizer.step(closure=lambda: loss)

@@ -39,8 +39,9 @@ class Flaky(PixelCNN):
         self.seen.append({k: v.clone() for k, v in self.state_dict().items()})
 
 
-def trainer(tmp_path, steps: int) -> L.Trainer:
+def trainer(tmp_path, steps: int, **options) -> L.Trainer:
     return L.Trainer(
+        **options,
         max_steps=steps,
         logger=L.pytorch.loggers.CSVLogger(tmp_path),
         log_every_n_steps=1,
@@ -271,13 +272,8 @@ def test_fp16_amp_with_a_gradient_scaler_trains_and_skips_through_the_scaler(tmp
         L.seed_everything(0)
         model = Flaky(**kwargs)
         scaler = torch.amp.GradScaler("cpu", init_scale=scale) if scale else None
-        t = L.Trainer(
-            max_steps=steps, accelerator="cpu", logger=L.pytorch.loggers.CSVLogger(tmp_path),
-            log_every_n_steps=1,
-            limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False,
-            default_root_dir=tmp_path,
-            plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)] if scaler else [],
-        )  # fmt: skip
+        plugins = [MixedPrecision("16-mixed", "cpu", scaler=scaler)] if scaler else []
+        t = trainer(tmp_path, steps, accelerator="cpu", plugins=plugins)
         t.fit(model, datamodule=TinyBinary(n_train=96, batch_size=16))
         with open(Path(t.logger.log_dir) / "metrics.csv", newline="") as f:
             norms = [float(r["train/grad_norm"]) for r in csv.DictReader(f) if r["train/grad_norm"]]
