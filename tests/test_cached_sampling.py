@@ -24,8 +24,6 @@ from lightning_modules.backbone.pixelcnnpp import sampling_canvas
 from lightning_modules.likelihoods import Categorical, DiscretizedLogisticMixture
 from lightning_modules.views import Grayscale, HalfResolution
 
-torch.set_num_threads(2)
-
 CACHED = {
     "gated": gated(n_layers=3, channels=6, first_kernel=5, kernel=3),
     "plain": plain(n_layers=3, channels=6, first_kernel=5, kernel=3),

@@ -8,8 +8,6 @@ from lightning_modules import HierarchicalPixelVAE
 from lightning_modules.hierarchical_pixelvae import last_layer
 from lightning_modules.likelihoods import Categorical, DiagonalGaussian, GaussianOutput
 
-torch.set_num_threads(2)
-
 TINY = dict(
     image_shape=(3, 8, 8),
     latent_channels=(2, 3),

@@ -9,8 +9,6 @@ from decoders import gated
 from lightning_modules import PixelVAE
 from lightning_modules.iwae_chunks import ChunkTuner, _Search
 
-torch.set_num_threads(2)
-
 
 def binary_images(n: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)

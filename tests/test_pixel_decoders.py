@@ -20,8 +20,6 @@ from lightning_modules.backbone import (
 )
 from lightning_modules.likelihoods import Categorical, DiscretizedLogisticMixture
 
-torch.set_num_threads(2)
-
 NETWORKS = {
     "gated": gated(n_layers=2, channels=6, first_kernel=3, kernel=3),
     "plain": plain(n_layers=2, channels=6, first_kernel=3, kernel=3),

@@ -11,8 +11,6 @@ from test_cli import QUIET, REPO, arvae, ok, read_report
 from lightning_modules import PixelCNNpp
 from lightning_modules.likelihoods import Categorical, DiscretizedLogisticMixture
 
-torch.set_num_threads(2)
-
 
 def small(image_shape=(3, 5, 7), **kwargs) -> PixelCNNpp:
     torch.manual_seed(0)
