@@ -15,9 +15,10 @@ from .run_dir import run_dir
 class TestReport(L.Callback):
     """After ``test``, global rank zero writes ``<log_dir>/test_metrics.json`` with every
     ``test/*`` metric (nats per image; reduced over ranks), the model's hyper-parameters, the
-    datamodule, the checkpoint tested, the command line and ``n_test_examples``: the examples
-    the test really evaluated, summed over the DDP ranks (not the size of the test set), so a
-    sampler that repeats examples, or ``limit_test_batches``, shows in the report."""
+    datamodule, the checkpoint tested, the command line, ``world_size`` (the ranks) and
+    ``n_test_examples``: the examples the test really evaluated, summed over the ranks (not
+    the size of the test set), so a sampler that repeats examples, or
+    ``limit_test_batches``, shows in the report."""
 
     __test__ = False  # not a pytest test class
 
@@ -52,6 +53,7 @@ class TestReport(L.Callback):
             "datamodule": type(datamodule).__name__ if datamodule is not None else None,
             "data": {k: json_safe(v) for k, v in getattr(datamodule, "hparams", {}).items()},
             "n_test_examples": self.n_examples,
+            "world_size": trainer.world_size,
             "iwae_k": getattr(pl_module, "iwae_k", None),
             "ckpt_path": trainer.ckpt_path,
             "command": ["arvae", *sys.argv[1:]],

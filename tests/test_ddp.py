@@ -237,6 +237,18 @@ def test_ddp_test_matches_one_process(fits, one_process, name, tmp_path):
     assert_same_test(read_report(fits[name] / RUN), one)
 
 
+def test_three_ranks_with_another_batch_size_match_one_process(fits, one_process, tmp_path):
+    """An odd rank count (37 test examples: 13 + 12 + 12) and test batches of 5 instead of
+    6, so that no rank's share nor the batches divide evenly: the numbers of one process."""
+    name = "PixelVAE"
+    args = [*ckpt_test_command(fits, name), *DDP, "--trainer.devices", "3"]
+    args += ["--data.init_args.eval_batch_size", "5", "--trainer.logger.init_args.name", "three"]
+    ok(arvae(*args, cwd=tmp_path, timeout=DDP_TIMEOUT))
+    report = read_report(tmp_path / "runs" / "three" / "version_0")
+    assert report["world_size"] == 3 and one_process[name]["world_size"] == 1
+    assert_same_test(report, one_process[name])
+
+
 def test_two_nodes_match_one_process(fits, one_process, tmp_path):
     """`--trainer.num_nodes 2 --trainer.devices 1`: one process per "node", started apart as
     a cluster's launcher would. Lightning's default environment then reads MASTER_ADDR,
