@@ -91,6 +91,36 @@ def test_too_many_nonfinite_steps_in_a_row_stop_with_a_checkpoint(tmp_path):
         assert torch.equal(state[k], v), k
 
 
+def test_accumulated_micro_batches_step_as_one_batch_and_a_nan_in_any_skips_the_step(tmp_path):
+    """accumulate_grad_batches=2 over batches of 8 takes the steps of batches of 16: the same
+    gradient norm and the same first update. A NaN in either micro-batch of a step (the
+    first: its gradient is accumulated; the last: its loss is the one the step sees) skips
+    the whole step."""
+    runs = {}
+    for name, batch, accumulate in (("whole", 16, 1), ("accumulated", 8, 2)):
+        L.seed_everything(0)
+        model = Flaky()
+        t = trainer(tmp_path / name, steps=2, accumulate_grad_batches=accumulate)
+        t.fit(model, datamodule=TinyBinary(n_train=96, batch_size=batch))
+        with open(tmp_path / name / "lightning_logs" / "version_0" / "metrics.csv") as f:
+            norms = [float(r["train/grad_norm"]) for r in csv.DictReader(f)]
+        runs[name] = model.seen[::accumulate], norms
+    (whole, whole_norms), (accumulated, accumulated_norms) = runs.values()
+    assert accumulated_norms[0] == pytest.approx(whole_norms[0], rel=1e-4)  # float32 sums
+    assert accumulated_norms[1] == pytest.approx(whole_norms[1], rel=1e-3)
+    for k, v in whole[1].items():  # the weights after the first step
+        torch.testing.assert_close(accumulated[1][k], v, rtol=1e-4, atol=1e-5)
+    for bad in (2, 3):  # micro-batches 2 and 3 make step 1
+        L.seed_everything(0)
+        model = Flaky(bad=(bad,))
+        t = trainer(tmp_path / f"bad{bad}", steps=3, accumulate_grad_batches=2)
+        t.fit(model, datamodule=TinyBinary(n_train=96, batch_size=8))
+        assert t.global_step == 3 and model.skipped_steps == 1, bad
+        assert all(torch.equal(model.seen[2][k], v) for k, v in model.seen[4].items()), bad
+        key = "net.head.out.weight"
+        assert not torch.equal(model.seen[0][key], model.seen[2][key])
+
+
 def test_max_bad_steps_is_checked():
     with pytest.raises(ValueError, match="max_bad_steps"):
         PixelCNN(max_bad_steps=0)
