@@ -121,6 +121,34 @@ def test_accumulated_micro_batches_step_as_one_batch_and_a_nan_in_any_skips_the_
         assert not torch.equal(model.seen[0][key], model.seen[2][key])
 
 
+class Clipped(Flaky):
+    """Flaky, recording the global gradient norm that Lightning's clipping leaves."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.clipped: list[float] = []
+
+    def configure_gradient_clipping(self, optimizer, **clip) -> None:
+        super().configure_gradient_clipping(optimizer, **clip)
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        self.clipped.append(float(torch.nn.utils.get_total_norm(grads)))
+
+
+def test_gradient_clipping_applies_to_the_update_and_a_nonfinite_step_is_still_skipped(tmp_path):
+    """`--trainer.gradient_clip_val` (what the non-finite stop's message suggests) clips the
+    gradient the update uses; `train/grad_norm` logs the norm before clipping."""
+    L.seed_everything(0)
+    model = Clipped(bad=(1,))
+    t = trainer(tmp_path, steps=3, gradient_clip_val=1.0)
+    t.fit(model, datamodule=TinyBinary(n_train=96, batch_size=16))
+    with open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv", newline="") as f:
+        norms = [float(r["train/grad_norm"]) for r in csv.DictReader(f)]
+    assert norms[0] > 10 and norms[2] > 10 and math.isnan(norms[1])
+    assert model.clipped[0] == pytest.approx(1.0, rel=1e-3) == model.clipped[2]
+    assert model.skipped_steps == 1
+    assert all(torch.equal(model.seen[1][k], v) for k, v in model.seen[2].items())
+
+
 def test_max_bad_steps_is_checked():
     with pytest.raises(ValueError, match="max_bad_steps"):
         PixelCNN(max_bad_steps=0)
