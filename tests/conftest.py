@@ -31,4 +31,3 @@ def one_thread_per_core(request):
             f"{threads} tests/conftest.py gives each of {workers} worker(s): do not call "
             "torch.set_num_threads at import, and restore the count after a test changes it"
         )
-    yield
