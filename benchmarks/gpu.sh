@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # The GPU measurements of the speed issue in one prepared run (< 8 minutes on one H100/H200),
-# in an environment where arvae is installed with a CUDA build of torch:
+# with a CUDA build of torch and arvae's dependencies importable (arvae itself is put on
+# PYTHONPATH here, so it needs no install):
 #   OUT=/tmp/gpu bash benchmarks/gpu.sh
+# On a machine that has torch and Lightning but cannot fetch packages, the wheels of the rest
+# (pure Python, downloaded elsewhere into .whl/, see benchmarks/README.md) are installed from
+# .whl/ into a temporary folder first.
 # 1. The 13-layer x 32-channel gated PixelCNN (batch 64): training images/s and MFU in fp32
 #    and bf16-mixed, eager, compiled and compiled with CUDA graphs (reduce-overhead), plus
 #    cached and uncached sampling (on the GPU, from the same noise: 'same draws'); the
@@ -14,7 +18,13 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/arvae_gpu}
 mkdir -p "$OUT"
 export WANDB_MODE=offline
-{ nvidia-smi; python -c "import torch; print(torch.__version__, torch.version.cuda)"; } \
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    site=$(mktemp -d)
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl || exit
+    export PYTHONPATH="$PYTHONPATH:$site"
+fi
+{ nvidia-smi; python3 -c "import torch; print(torch.__version__, torch.version.cuda)"; } \
     >"$OUT/machine.txt" 2>&1
 for mode in eager default reduce-overhead; do
     extra=()
@@ -23,9 +33,9 @@ for mode in eager default reduce-overhead; do
         default) extra=(--compile default); limit=110 ;;
         reduce-overhead) extra=(--compile reduce-overhead --fit-steps 100); limit=120 ;;
     esac
-    timeout $limit python benchmarks/table.py gated_pixelcnn --batch 64 --train-seconds 20 \
+    timeout $limit python3 benchmarks/table.py gated_pixelcnn --batch 64 --train-seconds 20 \
         --iwae-k 0 "${extra[@]}" >"$OUT/gated_pixelcnn_$mode.txt" 2>&1
 done
-timeout 150 python benchmarks/table.py gated_pixelvae --train-seconds 20 --compile reduce-overhead \
+timeout 150 python3 benchmarks/table.py gated_pixelvae --train-seconds 20 --compile reduce-overhead \
     --fit-steps 100 --iwae-k 5000 --iwae-images 16 >"$OUT/gated_pixelvae.txt" 2>&1
 tail -n 20 "$OUT"/*.txt
