@@ -1,14 +1,16 @@
-"""Pieces shared by the CPU benchmark scripts: the machine, a throughput meter, quiet logs,
-the static binarized-MNIST files, a fixed test subset and the timed train-then-test run."""
+"""Pieces shared by the benchmark scripts: the machine, the one interleaved timing loop, a
+throughput meter, quiet logs, the static binarized-MNIST files, a fixed test subset and the
+timed train-then-test run."""
 
 import logging
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 
@@ -36,6 +38,46 @@ def cpu_flags() -> tuple[str, set[str]]:
     except OSError:
         pass
     return name, flags
+
+
+def sync(device: str) -> None:
+    """Wait for the work queued on ``device`` (nothing to wait for on a CPU)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved(
+    steps: dict[str, Callable[[], None]],
+    seconds: float,
+    rounds: int,
+    warmup: int,
+    device: str = "cpu",
+) -> dict[str, dict]:
+    """Steps/s of each implementation (the median round; ``rates``: every round's): ``warmup``
+    untimed steps each, then ``rounds`` rounds of seconds/rounds each (at least one step),
+    the implementations taking turns (order reversed every round)."""
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    rates: dict[str, list[float]] = {name: [] for name in steps}
+    counts = dict.fromkeys(steps, 0)
+    for r in range(rounds):
+        for name in list(steps) if r % 2 == 0 else list(reversed(steps)):
+            done, start = 0, time.perf_counter()
+            while True:
+                steps[name]()
+                done += 1
+                sync(device)
+                elapsed = time.perf_counter() - start
+                if elapsed >= seconds / rounds:
+                    break
+            rates[name].append(done / elapsed)
+            counts[name] += done
+    return {
+        n: {"steps_per_s": statistics.median(v), "steps": counts[n], "rates": v}
+        for n, v in rates.items()
+    }
 
 
 def environment() -> dict:

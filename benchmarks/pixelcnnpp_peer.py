@@ -45,7 +45,7 @@ b. Training speed side by side. The peer's ``PixelCNN`` + its loss (summed over 
    backward, Adam step (arvae's Lightning step also takes one global gradient norm; not
    here). After ``--warmup-steps`` untimed steps each, the two alternate in ``--rounds``
    interleaved rounds (order swapped every round) of ``--seconds / --rounds`` seconds each
-   (at least one step; ``table.interleaved``, as in the benchmark table); images/s is the
+   (at least one step; ``cpu_bench.interleaved``, as in the benchmark table); images/s is the
    median over the rounds. Each precision (fp32, and
    ``torch.autocast("cpu", dtype=torch.bfloat16)`` around forward and loss) is timed against
    the peer at the same precision. Under autocast the peer's loss runs on its bf16 output as
@@ -103,9 +103,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from cpu_bench import cpu_flags
+from cpu_bench import cpu_flags, interleaved
 from einops import rearrange
-from table import interleaved
 from torch import nn
 
 from datamodules.cifar10 import load_sample

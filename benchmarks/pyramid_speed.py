@@ -27,12 +27,12 @@ alternated), each after ``--warmup`` untimed steps.
 
 import argparse
 import functools
-import statistics
 import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
+from cpu_bench import interleaved
 
 from lightning_modules import AuxiliaryPixelCNN, PixelCNNpp
 from lightning_modules.backbone import EmbeddingNet, PixelCNNppNet
@@ -131,20 +131,11 @@ def train_rate(models: dict, batch: int, warmup: int, rounds: int, seconds: floa
         loss.backward()
         opt.step()
 
-    for name in models:
-        models[name].train()
-        for _ in range(warmup):
-            step(name)
-    rates = {name: [] for name in models}
-    for r in range(rounds):
-        order = list(models) if r % 2 == 0 else list(models)[::-1]
-        for name in order:
-            start, steps = time.perf_counter(), 0
-            while steps == 0 or time.perf_counter() - start < seconds / rounds:
-                step(name)
-                steps += 1
-            rates[name].append(steps * batch / (time.perf_counter() - start))
-    return {name: statistics.median(v) for name, v in rates.items()}
+    for model in models.values():
+        model.train()
+    steps = {name: functools.partial(step, name) for name in models}
+    timed = interleaved(steps, seconds, rounds, warmup)
+    return {name: t["steps_per_s"] * batch for name, t in timed.items()}
 
 
 def main() -> None:

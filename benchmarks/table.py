@@ -53,7 +53,6 @@ import math
 import os
 import resource
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -64,6 +63,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from cpu_bench import environment, interleaved, quiet_lightning, sync
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,8 +91,6 @@ def config_files(spec: str) -> list[Path]:
 
 # --------------------------------------------------------------------------- the machine
 def machine(device: str) -> dict:
-    from cpu_bench import environment  # benchmarks/ is on sys.path: see main()
-
     env = environment()
     env["device"] = device
     if device == "cuda":
@@ -218,41 +216,6 @@ def fit_steps_per_s(model, x: torch.Tensor, precision: str, steps: int, warmup: 
         trainer.fit(model, train_dataloaders=loader)
     model.to(x.device)  # Lightning's teardown moves it to the CPU
     return steps / (clock.end - clock.start)
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def interleaved(
-    steps: dict[str, Callable[[], None]], seconds: float, rounds: int, warmup: int, device: str
-) -> dict[str, dict]:
-    """Steps/s of each implementation (the median round; ``rates``: every round's): ``warmup``
-    untimed steps each, then ``rounds`` rounds of seconds/rounds each (at least one step),
-    the implementations taking turns (order reversed every round)."""
-    for fn in steps.values():
-        for _ in range(warmup):
-            fn()
-    sync(device)
-    rates: dict[str, list[float]] = {name: [] for name in steps}
-    counts = dict.fromkeys(steps, 0)
-    for r in range(rounds):
-        for name in list(steps) if r % 2 == 0 else list(reversed(steps)):
-            done, start = 0, time.perf_counter()
-            while True:
-                steps[name]()
-                done += 1
-                sync(device)
-                elapsed = time.perf_counter() - start
-                if elapsed >= seconds / rounds:
-                    break
-            rates[name].append(done / elapsed)
-            counts[name] += done
-    return {
-        n: {"steps_per_s": statistics.median(v), "steps": counts[n], "rates": v}
-        for n, v in rates.items()
-    }
 
 
 def flops_per_step(step: Callable[[], None]) -> int:
@@ -603,10 +566,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     if args.worker:
-        from cpu_bench import quiet_lightning
-
         quiet_lightning()
         out = run_config(args.worker, args)
         Path(args.json).write_text(json.dumps(out))
