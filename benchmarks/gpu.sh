@@ -12,7 +12,7 @@
 #    compiled CUDA-graph step also through Trainer.fit (Lightning's loop, the stability
 #    guard, which needs no host sync), beside the bare step.
 # 2. The Table 1 Gated PixelVAE: the same, and IWAE test images/s at k = 5000.
-# Five logs go to $OUT (the device tool brings back at most 8 files).
+# Six logs go to $OUT (the device tool brings back at most 8 files).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/arvae_gpu}
@@ -26,6 +26,11 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 { nvidia-smi; python3 -c "import torch; print(torch.__version__, torch.version.cuda)"; } \
     >"$OUT/machine.txt" 2>&1
+# 0. Correctness first: the stability guard's tests on the GPU (fused CUDA Adam told
+#    found_inf, the guard's device counters read through CUDA events, fp16 AMP with CUDA's
+#    GradScaler, compiled training with CUDA graphs and its exact resume); not the DDP one.
+timeout 90 python3 -m pytest -q -n 0 -p no:cacheprovider -rs tests/test_stability.py \
+    -k "not ddp" >"$OUT/gpu_tests.txt" 2>&1
 for mode in eager default reduce-overhead; do
     extra=()
     case $mode in

@@ -19,6 +19,10 @@ from lightning_modules import PixelCNN
 from lightning_modules.step_guard import StepGuard
 
 CXX = any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++"))
+# the GPU cases run where CUDA is (benchmarks/gpu.sh runs this file there)
+CUDA = pytest.param(
+    "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+)
 
 
 class Flaky(PixelCNN):
@@ -203,17 +207,26 @@ class FlakyLoss(Flaky):
         return loss * math.nan if self.trainer.global_step in self.bad else loss
 
 
+@pytest.fixture
+def deterministic_algorithms():
+    """Lightning's ``deterministic=True`` turns them on for the whole process: put back."""
+    before = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
 @pytest.mark.skipif(not CXX, reason="torch.compile on a CPU needs a C++ compiler")
-def test_compiled_training_keeps_the_guard_and_resumes_exactly(tmp_path):
+def test_compiled_training_keeps_the_guard_and_resumes_exactly(tmp_path, deterministic_algorithms):
     """compile_training (the CUDA-graph mode, which on a CPU compiles as the default one): a
     NaN step is skipped as in eager training, and a run stopped mid-epoch and resumed from
-    its checkpoint ends with the weights of the run that was never stopped."""
+    its checkpoint ends with the weights of the run that was never stopped (with
+    deterministic algorithms, so that on a GPU as well)."""
     torch._dynamo.reset()
 
     def fit(ckpt: str | None = None) -> FlakyLoss:
         L.seed_everything(0)
         model = FlakyLoss(bad=(2,), compile_training="reduce-overhead")
-        t = trainer(tmp_path, steps=8)
+        t = trainer(tmp_path, steps=8, deterministic=True)
         t.callbacks.append(  # the checkpoint that a mid-epoch stop would leave
             L.pytorch.callbacks.ModelCheckpoint(tmp_path, every_n_train_steps=4, save_top_k=-1)
         )
@@ -319,8 +332,9 @@ def test_a_run_that_ends_in_too_many_nonfinite_steps_stops_with_the_error(tmp_pa
     assert all(torch.equal(state[k], v) for k, v in model.seen[3].items())
 
 
-def test_fp16_amp_with_a_gradient_scaler_trains_and_skips_through_the_scaler(tmp_path):
-    """Under 16-mixed on a GPU Lightning steps through a GradScaler (here a CPU one). The
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_fp16_amp_with_a_gradient_scaler_trains_and_skips_through_the_scaler(device, tmp_path):
+    """Under 16-mixed on a GPU Lightning steps through a GradScaler (on a CPU too, here). The
     weights update (the scaler steps only when handed the closure's result); the logged
     gradient norm is the unscaled one; the overflows of its first steps, while it halves its
     scale from 2^16, are skipped but not counted towards the stop; a NaN loss is."""
@@ -329,9 +343,9 @@ def test_fp16_amp_with_a_gradient_scaler_trains_and_skips_through_the_scaler(tmp
     def fit(scale: float | None, steps: int, **kwargs):
         L.seed_everything(0)
         model = Flaky(**kwargs)
-        scaler = torch.amp.GradScaler("cpu", init_scale=scale) if scale else None
-        plugins = [MixedPrecision("16-mixed", "cpu", scaler=scaler)] if scaler else []
-        t = trainer(tmp_path, steps, accelerator="cpu", plugins=plugins)
+        scaler = torch.amp.GradScaler(device, init_scale=scale) if scale else None
+        plugins = [MixedPrecision("16-mixed", device, scaler=scaler)] if scaler else []
+        t = trainer(tmp_path, steps, accelerator=device, plugins=plugins)
         t.fit(model, datamodule=TinyBinary(n_train=96, batch_size=16))
         with open(Path(t.logger.log_dir) / "metrics.csv", newline="") as f:
             norms = [float(r["train/grad_norm"]) for r in csv.DictReader(f) if r["train/grad_norm"]]
@@ -353,15 +367,19 @@ def test_fp16_amp_with_a_gradient_scaler_trains_and_skips_through_the_scaler(tmp
         fit(2.0**7, steps=6, bad=(1, 2), max_bad_steps=2)
 
 
-def test_the_step_guard_reports_each_recorded_step_one_step_late():
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_the_step_guard_reports_each_recorded_step_one_step_late(device):
+    """On a GPU the counters stay on the device and the host waits on each copy's event."""
     guard = StepGuard()
     assert guard.previous_run() == 0 and guard.skipped_steps == 0 and guard.last_bad_terms() == {}
     runs = []
     # a skip that is not bad (fp16 AMP finding its scale) ends a run of bad steps
     steps = [(False, False), (True, True), (True, True), (True, False), (True, True)]
     for step, (skipped, bad) in enumerate(steps):
-        terms = {"recon": torch.tensor(math.nan if bad else step), "kl/z": torch.tensor(1.0)}
-        guard.record(torch.tensor(skipped), torch.tensor(bad), terms, step)
+        terms = {"recon": math.nan if bad else step, "kl/z": 1.0}
+        terms = {k: torch.tensor(v, device=device) for k, v in terms.items()}
+        flags = torch.tensor([skipped, bad], device=device)
+        guard.record(flags[0], flags[1], terms, step)
         runs.append(guard.previous_run())
     assert runs == [0, 1, 2, 0, 1] and guard.last_bad_step == 4
     assert guard.skipped_steps == 4 and guard.bad_steps == 1
