@@ -31,3 +31,9 @@ def one_thread_per_core(request):
             f"{threads} tests/conftest.py gives each of {workers} worker(s): do not call "
             "torch.set_num_threads at import, and restore the count after a test changes it"
         )
+
+
+def pytest_collection_modifyitems(items):
+    """The longest test file (the whole quickstart, ~6 minutes on one core) first, so that
+    pytest-xdist starts it at once and runs the other files beside it."""
+    items.sort(key=lambda item: item.path.name != "test_quickstart.py")  # stable
