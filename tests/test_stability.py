@@ -43,6 +43,15 @@ class Flaky(PixelCNN):
         self.seen.append({k: v.clone() for k, v in self.state_dict().items()})
 
 
+HEAD = "net.head.out.weight"  # a weight that every update changes
+
+
+def logged_grad_norms(t: L.Trainer) -> list[float]:
+    """``train/grad_norm`` of every step the trainer logged (not finite on a skipped one)."""
+    with open(Path(t.logger.log_dir) / "metrics.csv", newline="") as f:
+        return [float(r["train/grad_norm"]) for r in csv.DictReader(f) if r["train/grad_norm"]]
+
+
 def trainer(tmp_path, steps: int, **options) -> L.Trainer:
     return L.Trainer(
         **options,
@@ -64,12 +73,11 @@ def test_a_nonfinite_step_is_skipped_counted_and_training_goes_on(tmp_path):
     # batches 2 and 3 changed nothing; the updates came from batches 0, 1, 4 and 5
     for before, after in ((2, 3), (3, 4)):
         assert all(torch.equal(model.seen[before][k], v) for k, v in model.seen[after].items())
-    key = "net.head.out.weight"
-    assert not torch.equal(model.seen[1][key], model.seen[2][key])
+    assert not torch.equal(model.seen[1][HEAD], model.seen[2][HEAD])
     # a skipped batch still counts as a step (as AMP's skipped steps do): max_steps and
     # schedules stay tied to batches seen
     assert t.global_step == 6 and model.skipped_steps == 2 and model.bad_steps == 0
-    assert not torch.equal(model.seen[4][key], model.seen[5][key])
+    assert not torch.equal(model.seen[4][HEAD], model.seen[5][HEAD])
     assert all(torch.isfinite(p).all() for p in model.parameters())
     with open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv", newline="") as f:
         rows = {int(r["step"]): r for r in csv.DictReader(f)}
@@ -106,9 +114,7 @@ def test_accumulated_micro_batches_step_as_one_batch_and_a_nan_in_any_skips_the_
         model = Flaky()
         t = trainer(tmp_path / name, steps=2, accumulate_grad_batches=accumulate)
         t.fit(model, datamodule=TinyBinary(n_train=96, batch_size=batch))
-        with open(tmp_path / name / "lightning_logs" / "version_0" / "metrics.csv") as f:
-            norms = [float(r["train/grad_norm"]) for r in csv.DictReader(f)]
-        runs[name] = model.seen[::accumulate], norms
+        runs[name] = model.seen[::accumulate], logged_grad_norms(t)
     (whole, whole_norms), (accumulated, accumulated_norms) = runs.values()
     assert accumulated_norms[0] == pytest.approx(whole_norms[0], rel=1e-4)  # float32 sums
     assert accumulated_norms[1] == pytest.approx(whole_norms[1], rel=1e-3)
@@ -121,8 +127,7 @@ def test_accumulated_micro_batches_step_as_one_batch_and_a_nan_in_any_skips_the_
         t.fit(model, datamodule=TinyBinary(n_train=96, batch_size=8))
         assert t.global_step == 3 and model.skipped_steps == 1, bad
         assert all(torch.equal(model.seen[2][k], v) for k, v in model.seen[4].items()), bad
-        key = "net.head.out.weight"
-        assert not torch.equal(model.seen[0][key], model.seen[2][key])
+        assert not torch.equal(model.seen[0][HEAD], model.seen[2][HEAD])
 
 
 class Clipped(Flaky):
@@ -145,8 +150,7 @@ def test_gradient_clipping_applies_to_the_update_and_a_nonfinite_step_is_still_s
     model = Clipped(bad=(1,))
     t = trainer(tmp_path, steps=3, gradient_clip_val=1.0)
     t.fit(model, datamodule=TinyBinary(n_train=96, batch_size=16))
-    with open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv", newline="") as f:
-        norms = [float(r["train/grad_norm"]) for r in csv.DictReader(f)]
+    norms = logged_grad_norms(t)
     assert norms[0] > 10 and norms[2] > 10 and math.isnan(norms[1])
     assert model.clipped[0] == pytest.approx(1.0, rel=1e-3) == model.clipped[2]
     assert model.skipped_steps == 1
@@ -306,8 +310,7 @@ def test_a_skipped_step_leaves_the_fused_adam_state_as_it_was(tmp_path):
         assert int(state["step"]) == 2 and int(after[p]["step"]) == 2
         for k, v in state.items():
             assert torch.equal(after[p][k], v), k
-    key = "net.head.out.weight"
-    assert not torch.equal(model.seen[3][key], model.state_dict()[key])  # batch 3 updated
+    assert not torch.equal(model.seen[3][HEAD], model.state_dict()[HEAD])  # batch 3 updated
 
 
 def test_adamax_skips_a_nonfinite_step_too(tmp_path):
@@ -317,8 +320,7 @@ def test_adamax_skips_a_nonfinite_step_too(tmp_path):
     t.fit(model, datamodule=TinyBinary(n_train=96, batch_size=16))
     assert isinstance(t.optimizers[0], torch.optim.Adamax) and model.skipped_steps == 1
     assert all(torch.equal(model.seen[1][k], v) for k, v in model.seen[2].items())
-    key = "net.head.out.weight"
-    assert not torch.equal(model.seen[2][key], model.seen[0][key])
+    assert not torch.equal(model.seen[2][HEAD], model.seen[0][HEAD])
 
 
 def test_a_run_that_ends_in_too_many_nonfinite_steps_stops_with_the_error(tmp_path):
@@ -347,14 +349,11 @@ def test_fp16_amp_with_a_gradient_scaler_trains_and_skips_through_the_scaler(dev
         plugins = [MixedPrecision("16-mixed", device, scaler=scaler)] if scaler else []
         t = trainer(tmp_path, steps, accelerator=device, plugins=plugins)
         t.fit(model, datamodule=TinyBinary(n_train=96, batch_size=16))
-        with open(Path(t.logger.log_dir) / "metrics.csv", newline="") as f:
-            norms = [float(r["train/grad_norm"]) for r in csv.DictReader(f) if r["train/grad_norm"]]
-        return model, scaler, norms
+        return model, scaler, logged_grad_norms(t)
 
-    key = "net.head.out.weight"
     model, scaler, norms = fit(2.0**7, steps=3)
     assert model.skipped_steps == 0 and scaler.get_scale() == 2.0**7
-    assert not torch.equal(model.seen[0][key], model.seen[1][key])
+    assert not torch.equal(model.seen[0][HEAD], model.seen[1][HEAD])
     _, _, fp32_norms = fit(None, steps=1)
     assert norms[0] == pytest.approx(fp32_norms[0], rel=0.05)
     # from 2^16 the first steps overflow in a row, more than max_bad_steps of them
@@ -362,7 +361,7 @@ def test_fp16_amp_with_a_gradient_scaler_trains_and_skips_through_the_scaler(dev
     calibration = model.skipped_steps
     assert calibration > 2 and scaler.get_scale() == 2.0 ** (16 - calibration)
     assert not any(math.isfinite(n) for n in norms[:calibration]) and math.isfinite(norms[-1])
-    assert not torch.equal(model.seen[-1][key], model.state_dict()[key])
+    assert not torch.equal(model.seen[-1][HEAD], model.state_dict()[HEAD])
     with pytest.raises(FloatingPointError, match="2 training steps in a row"):
         fit(2.0**7, steps=6, bad=(1, 2), max_bad_steps=2)
 
